@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._chunk import ChunkDecay, from_chunks, pair, to_chunks
 from ._common import check_seq, compute_dtype, initial_state, wkv6_log_decay
 
 
@@ -37,6 +38,39 @@ def wkv6_naive(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
     return y.to(out_dtype), S
 
 
+def wkv6_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
+                 s0: Tensor | None = None, chunk_len: int = 16) -> tuple[Tensor, Tensor]:
+    """Exact chunked form of `wkv6_naive`, differentiable by plain autograd.
+
+    Within a chunk, with the decay factors of `ChunkDecay`,
+        y_t = S_0 (before_t * r_t) + sum_{s<t} v_s (sum_j r_tj k_sj excl[t,s,j]) + v_t sum_j(u_j k_tj r_tj),
+        S_L = S_0 diag(total) + sum_s v_s (after_s * k_s)^T,
+    so only the chunk-to-chunk state update is sequential.
+    """
+    for name, t in (("w", w), ("k", k), ("v", v)):
+        check_seq(name, t, r)
+    _check_u(u, r)
+    B, T, H, N = r.shape
+    out_dtype, dt = r.dtype, compute_dtype(r, w, k, v, u, s0)
+    S = initial_state(s0, r, dt)
+    if T == 0:
+        return r.new_zeros(r.shape), S
+    lw = wkv6_log_decay(w.to(dt))
+    r, lw, k, v = (to_chunks(x.to(dt), chunk_len) for x in (r, lw, k, v))
+    d = ChunkDecay.of(lw)
+    u = u.to(dt)[None, :, None, None, :]                               # [1,H,1,1,N]
+
+    Q = pair(r, k, d.excl) + torch.diag_embed((u * k * r).sum(-1))     # strictly-causal part + bonus diagonal
+    C = v.transpose(-1, -2) @ (k * d.after)                            # chunk's own contribution to S_L
+    starts = []
+    for i in range(r.shape[2]):
+        starts.append(S)
+        S = S * d.total[:, :, i, None, :] + C[:, :, i]
+    S0t = torch.stack(starts, dim=2).transpose(-1, -2)
+    y = (r * d.before) @ S0t + Q @ v
+    return from_chunks(y, T).to(out_dtype), S
+
+
 def _time_constant(w: Tensor, r: Tensor) -> Tensor:
     """Broadcast the RWKV-5 decay w [H,N] over batch and time."""
     if w.shape != r.shape[2:]:
@@ -48,3 +82,9 @@ def wkv5_naive(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
                s0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """wkv6_naive with the time-constant decay w [H,N]."""
     return wkv6_naive(r, _time_constant(w, r), k, v, u, s0)
+
+
+def wkv5_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
+                 s0: Tensor | None = None, chunk_len: int = 16) -> tuple[Tensor, Tensor]:
+    """wkv6_chunked with the time-constant decay w [H,N]."""
+    return wkv6_chunked(r, _time_constant(w, r), k, v, u, s0, chunk_len)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._chunk import ChunkDecay, from_chunks, pair, to_chunks
 from ._common import check_seq, compute_dtype, initial_state, wkv7_log_decay
 
 
@@ -30,3 +31,44 @@ def wkv7_naive(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
         ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
     y = torch.stack(ys, dim=1) if ys else r.new_zeros(r.shape)
     return y.to(out_dtype), S
+
+
+def wkv7_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                 s0: Tensor | None = None, chunk_len: int = 16) -> tuple[Tensor, Tensor]:
+    """Exact chunked form of `wkv7_naive`, differentiable by plain autograd.
+
+    Within a chunk, with u_t := S_{t-1} a_t and the decay factors of `ChunkDecay`,
+        S_t = S_0 diag(upto_t) + sum_{s<=t} (u_s b_s^T + v_s k_s^T) diag(incl[t,s]),
+    so U solves the unit lower-triangular system (I - M_b) U = X + M_k V with
+    M_x[t,s] = sum_j a_tj x_sj excl[t,s,j] and X_t = S_0 (before_t * a_t). Splitting U = W S_0^T + Z makes every
+    chunk's work independent of S_0 except two matmuls, so only the chunk-to-chunk state update is sequential.
+    """
+    for name, t in (("w", w), ("k", k), ("v", v), ("a", a), ("b", b)):
+        check_seq(name, t, r)
+    B, T, H, N = r.shape
+    out_dtype, dt = r.dtype, compute_dtype(r, w, k, v, a, b, s0)
+    S = initial_state(s0, r, dt)
+    if T == 0:
+        return r.new_zeros(r.shape), S
+    lw = wkv7_log_decay(w.to(dt))
+    r, lw, k, v, a, b = (to_chunks(x.to(dt), chunk_len) for x in (r, lw, k, v, a, b))
+    d = ChunkDecay.of(lw)
+    L = r.shape[-2]
+    eye = torch.eye(L, dtype=dt, device=r.device)
+
+    tri = eye - pair(a, b, d.excl)                                     # I - M_b
+    rhs = torch.cat([a * d.before, pair(a, k, d.excl) @ v], dim=-1)    # [a_dec | M_k V]
+    W, Z = torch.linalg.solve_triangular(tri, rhs, upper=False, unitriangular=True).split(N, dim=-1)
+    b_end, k_end = b * d.after, k * d.after
+    # Chunk transition S' = S A + C, from S' = S diag(total) + U^T b_end + V^T k_end and U = W S^T + Z.
+    A = torch.diag_embed(d.total) + W.transpose(-1, -2) @ b_end
+    C = Z.transpose(-1, -2) @ b_end + v.transpose(-1, -2) @ k_end
+
+    starts = []
+    for i in range(r.shape[2]):
+        starts.append(S)
+        S = S @ A[:, :, i] + C[:, :, i]
+    S0t = torch.stack(starts, dim=2).transpose(-1, -2)                 # chunk-start states, transposed
+    U = W @ S0t + Z
+    y = (r * d.upto) @ S0t + pair(r, b, d.incl) @ U + pair(r, k, d.incl) @ v
+    return from_chunks(y, T).to(out_dtype), S
