@@ -1,0 +1,1 @@
+"""Benchmarks that write JSON + Markdown tables to bench/results/ (kernels, data pipeline, training)."""

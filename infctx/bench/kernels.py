@@ -1,0 +1,223 @@
+"""`make bench-kernels`: forward+backward time of our CUDA WKV kernels next to fla's chunked Triton kernels.
+
+bf16 inputs, fp32 state in and out (initial_state and output_final_state on for fla too), N = 64, the shapes
+of issue 3. RWKV-7 is compared with fla `chunk_rwkv7` (w passed as log-decay), RWKV-5/6 with fla
+`chunk_rwkv6` (RWKV-5's constant decay expanded over time). Writes bench/results/kernels.json and kernels.md.
+Timing: CUDA events around fwd+bwd, median of `reps` after `warmup` runs; peak memory is the allocator's peak
+during one fwd+bwd above what the inputs already hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SHAPES = ((1, 16384, 32), (4, 4096, 32), (8, 4096, 12), (16, 1024, 32))
+LOG_DECAY7 = -math.exp(-0.5)
+
+
+@dataclass
+class BenchConfig:
+    out_dir: Path = Path("bench/results")
+    versions: tuple[int, ...] = (7, 6, 5)
+    shapes: tuple[tuple[int, int, int], ...] = SHAPES
+    head_size: int = 64
+    warmup: int = 3
+    reps: int = 10
+    with_fla: bool = True
+
+
+def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g, device="cuda") * scale  # noqa: E731
+    x = dict(r=rnd(B, T, H, N, scale=0.5), k=rnd(B, T, H, N, scale=0.5), v=rnd(B, T, H, N))
+    if version == 7:
+        kappa = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
+        x.update(w=rnd(B, T, H, N) - 0.5, a=-kappa, b=kappa * torch.sigmoid(rnd(B, T, H, N)))
+        order = ("r", "w", "k", "v", "a", "b")
+    else:
+        x.update(w=rnd(*((B, T, H, N) if version == 6 else (H, N)), scale=0.7) - 1.0, u=rnd(H, N, scale=0.5))
+        order = ("r", "w", "k", "v", "u")
+    out = {n: x[n].to(torch.bfloat16).requires_grad_(True) for n in order}
+    out["s0"] = rnd(B, H, N, N, scale=0.3).requires_grad_(True)
+    return out
+
+
+def ours(version: int) -> Callable:
+    from infctx import ops
+
+    op = ops.get_wkv(version, "cuda")
+    return lambda x: op(*x.values())
+
+
+def fla(version: int) -> Callable:
+    """fla's kernel on our inputs: decay logits turned into fla's log-decay inside the timed region."""
+    if version == 7:
+        from fla.ops.rwkv7 import chunk_rwkv7
+
+        def run7(x):
+            logw = LOG_DECAY7 * torch.sigmoid(x["w"].float())
+            return chunk_rwkv7(x["r"], logw.to(x["r"].dtype), x["k"], x["v"], x["a"], x["b"], scale=1.0,
+                               initial_state=x["s0"], output_final_state=True)
+        return run7
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    def run56(x):
+        w = x["w"] if x["w"].dim() == 4 else x["w"].expand_as(x["r"])
+        logw = -torch.exp(w.float())
+        return chunk_rwkv6(x["r"], x["k"], x["v"], logw.to(x["r"].dtype), x["u"], scale=1.0,
+                           initial_state=x["s0"], output_final_state=True)
+    return run56
+
+
+def measure(fn: Callable, x: dict, cfg: BenchConfig) -> dict:
+    y0, s0 = fn(x)
+    gy, gs = torch.randn_like(y0), torch.randn_like(s0)
+    del y0, s0
+
+    def fwd_bwd():
+        for t in x.values():
+            t.grad = None
+        y, s = fn(x)
+        torch.autograd.backward([y, s], [gy, gs])
+
+    def fwd():
+        with torch.no_grad():
+            fn(x)
+
+    def timed(step) -> float:
+        for _ in range(cfg.warmup):
+            step()
+        times = []
+        for _ in range(cfg.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    ms = timed(fwd_bwd)
+    ms_fwd = timed(fwd)
+    for t in x.values():
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return dict(ms_fwd=round(ms_fwd, 4), ms_fwd_bwd=round(ms, 4), peak_mib=round(peak, 1))
+
+
+def agreement(version: int) -> float:
+    """RMS(y_ours - y_fla)/RMS(y_fla) on a small shape: proves both compute the same function."""
+    x = make_inputs(version, 1, 256, 4, 64, seed=5)
+    with torch.no_grad():
+        a, _ = ours(version)(x)
+        b, _ = fla(version)({**x, "s0": x["s0"].transpose(-1, -2).contiguous()})  # fla's state is [key, value]
+    return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+
+
+def run(cfg: BenchConfig) -> dict:
+    rows, fla_error = [], None
+    impls = {"ours": ours}
+    if cfg.with_fla:
+        try:
+            import fla as fla_pkg  # noqa: F401
+
+            impls["fla"] = fla
+        except ImportError as err:
+            fla_error = f"fla-core not importable ({err}); `pip install fla-core` for the comparison"
+    checks = {}
+    for version in cfg.versions:
+        if "fla" in impls:
+            checks[f"wkv{version}"] = agreement(version)
+        for B, T, H in cfg.shapes:
+            times = {}
+            for name, make_fn in impls.items():
+                x = make_inputs(version, B, T, H, cfg.head_size)
+                try:
+                    times[name] = measure(make_fn(version), x, cfg)
+                except torch.cuda.OutOfMemoryError:
+                    times[name] = dict(error="out of memory")
+                del x
+                torch.cuda.empty_cache()
+            for name, t in times.items():
+                row = dict(version=version, impl=name, B=B, T=T, H=H, N=cfg.head_size, **t)
+                if "ms_fwd_bwd" in t:
+                    row["mtok_s"] = round(B * T / t["ms_fwd_bwd"] / 1e3, 3)
+                if name == "ours" and "ms_fwd_bwd" in times.get("fla", {}) and "ms_fwd_bwd" in t:
+                    row["speedup_vs_fla"] = round(times["fla"]["ms_fwd_bwd"] / t["ms_fwd_bwd"], 3)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    fla_version = None
+    if "fla" in impls:
+        import importlib.metadata as md
+
+        fla_version = md.version("fla-core")
+    return dict(gpu=torch.cuda.get_device_name(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, cuda=torch.version.cuda, fla_core=fla_version, fla_error=fla_error,
+                y_agreement_vs_fla=checks, dtype="bf16 inputs, fp32 state in/out", rows=rows)
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# WKV kernel benchmark ({res['gpu']}, {res['date']})", "",
+             f"torch {res['torch']} (CUDA {res['cuda']}), fla-core {res['fla_core']}; {res['dtype']}; forward+backward, "
+             "median of CUDA-event timings. `speedup` = fla time / our time (wkv7 vs chunk_rwkv7, wkv5/6 vs "
+             "chunk_rwkv6).", ""]
+    if res["fla_error"]:
+        lines += [f"fla: {res['fla_error']}", ""]
+    if res["y_agreement_vs_fla"]:
+        agree = ", ".join(f"{k} {v:.1e}" for k, v in res["y_agreement_vs_fla"].items())
+        lines += [f"Output agreement with fla (rel. RMS of y, bf16): {agree}", ""]
+    lines += ["| op | impl | B | T | H | fwd ms | fwd+bwd ms | Mtok/s | peak MiB | speedup vs fla |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"| wkv{r['version']} | {r['impl']} | {r['B']} | {r['T']} | {r['H']} | {r['error']} |||||")
+            continue
+        lines.append(f"| wkv{r['version']} | {r['impl']} | {r['B']} | {r['T']} | {r['H']} | {r['ms_fwd']:.3f} | "
+                     f"{r['ms_fwd_bwd']:.3f} | {r['mtok_s']:.2f} | {r['peak_mib']:.0f} | "
+                     f"{r.get('speedup_vs_fla', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m infctx.bench.kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--out-dir", type=Path, default=BenchConfig.out_dir)
+    p.add_argument("--versions", type=int, nargs="+", default=list(BenchConfig.versions))
+    p.add_argument("--reps", type=int, default=BenchConfig.reps)
+    p.add_argument("--no-fla", action="store_true", help="skip the fla comparison")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench-kernels: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU machine")
+        return 1
+    cfg = BenchConfig(out_dir=args.out_dir, versions=tuple(args.versions), reps=args.reps, with_fla=not args.no_fla)
+    res = run(cfg)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(cfg.out_dir / "kernels.json", json.dumps(res, indent=1) + "\n")
+    md = markdown(res)
+    write_atomic(cfg.out_dir / "kernels.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

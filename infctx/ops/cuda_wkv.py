@@ -1,0 +1,169 @@
+"""WKV ops on our CUDA kernels (cuda/), registered as backend "cuda" for RWKV-5/6/7.
+
+Same signature and semantics as the torch ops (CONTRACTS.md): sequence tensors [B,T,H,N] in bf16 or fp32,
+state fp32 [B,H,N(value),N(key)], returns (y, sT); differentiable w.r.t. every input including s0, and the
+gradient of sT flows back (so segmented full BPTT is exact). The forward saves a state checkpoint every
+`chunk_len` tokens; the backward recomputes from them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from . import registry
+from .cuda_build import HEAD_SIZES, CudaBuildError, load_extension, preflight
+
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def validate_inputs(version: int, seq: dict[str, Tensor], params: dict[str, Tensor], s0: Tensor | None) -> None:
+    """One clear ValueError line for anything the kernels cannot take. Checks run in an order that works on
+    CPU tensors too (shape, dtype, layout, then device), so the messages are testable without a GPU.
+    bf16 and fp32 may be mixed (the op casts to r's dtype); anything else is refused."""
+    r = seq["r"]
+    if r.dim() != 4:
+        raise ValueError(f"wkv{version} cuda: r has shape {tuple(r.shape)}, expected [B,T,H,N]")
+    B, T, H, N = r.shape
+    if T == 0 or B == 0:
+        raise ValueError(f"wkv{version} cuda: empty input {tuple(r.shape)}; need B >= 1 and T >= 1")
+    if N not in HEAD_SIZES[version]:
+        sizes = ", ".join(map(str, HEAD_SIZES[version]))
+        raise ValueError(f"wkv{version} cuda: head size {N} is not supported (supported: {sizes}); "
+                         "use wkv_backend='torch' for other head sizes")
+    expected = {**{name: (B, T, H, N) for name in seq}, **{name: (H, N) for name in params}}
+    for name, t in {**seq, **params}.items():
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"wkv{version} cuda: {name} has shape {tuple(t.shape)}, expected {expected[name]}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"wkv{version} cuda: {name} is {t.dtype}; the kernels take bfloat16 or float32 "
+                             "(use the torch backend for float64)")
+        if not t.is_contiguous():
+            raise ValueError(f"wkv{version} cuda: {name} is not contiguous; call .contiguous() before the op")
+    if s0 is not None:
+        if tuple(s0.shape) != (B, H, N, N):
+            raise ValueError(f"wkv{version} cuda: s0 has shape {tuple(s0.shape)}, expected {(B, H, N, N)}")
+        if s0.dtype != torch.float32:
+            raise ValueError(f"wkv{version} cuda: s0 is {s0.dtype}; the state is float32 (s0.float())")
+    for name, t in {**seq, **params, **({"s0": s0} if s0 is not None else {})}.items():
+        if t.device != r.device or r.device.type != "cuda":
+            raise ValueError(f"wkv{version} cuda: {name} is on {t.device}; every input must be on one CUDA device")
+
+
+def _like_r(r: Tensor, *xs: Tensor) -> list[Tensor]:
+    """Cast bf16/fp32 companions to r's dtype (differentiably); the kernels take one element type."""
+    return [x if x.dtype == r.dtype else x.to(r.dtype) for x in xs]
+
+
+def _state_in(s0: Tensor | None, r: Tensor) -> Tensor:
+    B, _, H, N = r.shape
+    return torch.zeros(B, H, N, N, device=r.device) if s0 is None else s0.contiguous()
+
+
+def _grad_in(g: Tensor | None, like: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(like.shape, device=like.device, dtype=dtype) if g is None else g.to(dtype).contiguous()
+
+
+def _workspace(ext, r: Tensor) -> tuple[int, int]:
+    B, T, H, N = r.shape
+    return ext.chunk_len(), -(-T // ext.chunk_len())
+
+
+class _WKV7(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0):
+        B, T, H, N = r.shape
+        ext = load_extension(7, N, r.device)
+        ck, nc = _workspace(ext, r)
+        y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
+        ckpt = torch.empty(B, H, nc, N, N, device=r.device)
+        sa = torch.empty(B, T, H, N, device=r.device)
+        ext.forward(r, w, k, v, a, b, _state_in(s0, r), y, sT, ckpt, sa)
+        ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
+        ctx.has_s0 = s0 is not None
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
+        B, T, H, N = r.shape
+        ext = load_extension(7, N, r.device)
+        ck, _ = _workspace(ext, r)
+        grads = [torch.empty_like(r) for _ in range(6)]
+        ds0 = torch.empty(B, H, N, N, device=r.device)
+        scratch = torch.empty(B * H, ck, N, N, device=r.device)
+        ext.backward(r, w, k, v, a, b, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt, sa,
+                     scratch, *grads, ds0)
+        return (*grads, ds0 if ctx.has_s0 else None)
+
+
+class _WKV56(torch.autograd.Function):
+    """RWKV-5 (w [H,N]) and RWKV-6 (w [B,T,H,N]) share one Function; `version` picks the extension."""
+
+    @staticmethod
+    def forward(ctx, version, r, w, k, v, u, s0):
+        B, T, H, N = r.shape
+        ext = load_extension(version, N, r.device)
+        _, nc = _workspace(ext, r)
+        y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
+        ckpt = torch.empty(B, H, nc, N, N, device=r.device)
+        ext.forward(r, w, k, v, u, _state_in(s0, r), y, sT, ckpt)
+        ctx.save_for_backward(r, w, k, v, u, ckpt)
+        ctx.version, ctx.has_s0 = version, s0 is not None
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, u, ckpt = ctx.saved_tensors
+        B, T, H, N = r.shape
+        ext = load_extension(ctx.version, N, r.device)
+        ck, _ = _workspace(ext, r)
+        dr, dk, dv = (torch.empty_like(r) for _ in range(3))
+        per_head = torch.empty(B, H, N, device=r.device)  # wkv5's dw: fp32 partial sums per (b, h)
+        dw = torch.empty_like(w) if ctx.version == 6 else per_head
+        du = torch.empty(B, H, N, device=r.device)
+        ds0 = torch.empty(B, H, N, N, device=r.device)
+        scratch = torch.empty(B * H, ck, N, N, device=r.device)
+        ext.backward(r, w, k, v, u, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt, scratch,
+                     dr, dw, dk, dv, du, ds0)
+        if ctx.version == 5:
+            dw = dw.sum(0).to(w.dtype)
+        return None, dr, dw, dk, dv, du.sum(0).to(u.dtype), ds0 if ctx.has_s0 else None
+
+
+def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+              s0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math."""
+    validate_inputs(7, dict(r=r, w=w, k=k, v=v, a=a, b=b), {}, s0)
+    return _WKV7.apply(r, *_like_r(r, w, k, v, a, b), s0)
+
+
+def wkv6_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
+              s0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """RWKV-6 WKV on the CUDA kernel; w [B,T,H,N] raw decay logits, u [H,N]."""
+    validate_inputs(6, dict(r=r, w=w, k=k, v=v), dict(u=u), s0)
+    return _WKV56.apply(6, r, *_like_r(r, w, k, v, u), s0)
+
+
+def wkv5_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
+              s0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """RWKV-5 WKV on the CUDA kernel; w [H,N] raw decay logits (constant over time), u [H,N]."""
+    validate_inputs(5, dict(r=r, k=k, v=v), dict(w=w, u=u), s0)
+    return _WKV56.apply(5, r, *_like_r(r, w, k, v, u), s0)
+
+
+@functools.lru_cache(maxsize=None)
+def availability(version: int, head_size: int = 64) -> str | None:
+    """None when the kernel for `version` builds and loads here, else the one-line reason."""
+    try:
+        preflight(version, head_size)
+        load_extension(version, head_size)
+    except CudaBuildError as err:
+        return str(err)
+    return None
+
+
+for _version, _fn in ((5, wkv5_cuda), (6, wkv6_cuda), (7, wkv7_cuda)):
+    registry.register(_version, "cuda", _fn, lambda version=_version: availability(version))

@@ -1,0 +1,129 @@
+"""CPU-side checks of the CUDA backend's preflight and input validation: each problem gives one clear line.
+
+No GPU needed: the checks are plain functions of versions, capabilities and tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from infctx.ops import cuda_build as cb
+from infctx.ops.cuda_wkv import validate_inputs
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("wkv"), msg
+    return msg
+
+
+def test_no_nvcc():
+    with pytest.raises(cb.CudaBuildError) as err:
+        cb.check_nvcc(None)
+    assert "nvcc not found" in one_line(err) and "CUDA_HOME" in str(err.value)
+
+
+def test_toolkit_vs_torch_cuda_mismatch():
+    cb.check_toolkit_matches((13, 0), "13.0")
+    cb.check_toolkit_matches((12, 4), "12.8")  # same major is fine
+    with pytest.raises(cb.CudaBuildError) as err:
+        cb.check_toolkit_matches((12, 4), "13.0")
+    assert "CUDA 12.4 but torch was built with CUDA 13.0" in one_line(err)
+    with pytest.raises(cb.CudaBuildError) as err:
+        cb.check_toolkit_matches((13, 0), None)
+    assert "CPU-only build" in one_line(err)
+
+
+def test_gpu_without_bf16():
+    cb.check_capability((8, 0))
+    cb.check_capability((9, 0))
+    with pytest.raises(cb.CudaBuildError) as err:
+        cb.check_capability((7, 5), "Tesla T4")
+    assert "Tesla T4 is sm_75" in one_line(err) and "sm_80" in str(err.value)
+
+
+def test_ninja_missing():
+    cb.check_ninja(True)
+    with pytest.raises(cb.CudaBuildError) as err:
+        cb.check_ninja(False)
+    assert "pip install ninja" in one_line(err)
+
+
+@pytest.mark.parametrize("version,n", [(7, 32), (6, 128), (5, 96)])
+def test_unsupported_head_size(version, n):
+    with pytest.raises(cb.CudaBuildError) as err:
+        cb.check_head_size(version, n)
+    assert f"head size {n} is not supported for RWKV-{version}" in one_line(err)
+    cb.check_head_size(version, 64)
+
+
+def _seq(B=1, T=5, H=2, N=64, dtype=torch.bfloat16):
+    return {n: torch.zeros(B, T, H, N, dtype=dtype) for n in ("r", "w", "k", "v", "a", "b")}
+
+
+def test_validation_messages():
+    with pytest.raises(ValueError) as err:
+        validate_inputs(7, {**_seq(), "k": torch.zeros(1, 5, 2, 64, dtype=torch.float16)}, {}, None)
+    assert "k is torch.float16" in one_line(err)
+    with pytest.raises(ValueError) as err:  # bf16 and fp32 may mix (cast to r's dtype): next check is the device
+        validate_inputs(7, {**_seq(), "w": _seq(dtype=torch.float32)["w"]}, {}, None)
+    assert "on cpu" in one_line(err)
+    with pytest.raises(ValueError) as err:
+        validate_inputs(7, {**_seq(), "v": torch.zeros(1, 2, 5, 64, dtype=torch.bfloat16).transpose(1, 2)}, {}, None)
+    assert "v is not contiguous" in one_line(err) and ".contiguous()" in str(err.value)
+    with pytest.raises(ValueError) as err:
+        validate_inputs(7, _seq(N=32), {}, None)
+    assert "head size 32 is not supported" in one_line(err)
+    with pytest.raises(ValueError) as err:
+        validate_inputs(7, _seq(), {}, torch.zeros(1, 2, 64, 64, dtype=torch.bfloat16))
+    assert "s0 is torch.bfloat16" in one_line(err)
+    with pytest.raises(ValueError) as err:
+        validate_inputs(5, {n: t for n, t in _seq().items() if n in "rkv"}, {"w": torch.zeros(3, 64, dtype=torch.bfloat16),
+                        "u": torch.zeros(2, 64, dtype=torch.bfloat16)}, None)
+    assert "w has shape (3, 64), expected (2, 64)" in one_line(err)
+    with pytest.raises(ValueError) as err:  # everything right but on the CPU
+        validate_inputs(7, _seq(), {}, None)
+    assert "must be on one CUDA device" in one_line(err)
+
+
+def test_lock_timeout_names_the_lock_file(tmp_path):
+    lock = tmp_path / "build.lock"
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with cb.file_lock(lock, timeout_s=5):
+            held.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    try:
+        with pytest.raises(cb.CudaBuildError) as err:
+            with cb.file_lock(lock, timeout_s=0.3):
+                pass
+        assert str(lock) in one_line(err)
+    finally:
+        release.set()
+        thread.join()
+    with cb.file_lock(lock, timeout_s=1):  # released: the next process gets it at once
+        pass
+
+
+def test_build_key_tracks_head_size_and_arch():
+    keys = {cb.build_key(7, n, cap) for n in (64, 128) for cap in ((8, 0), (9, 0))}
+    assert len(keys) == 4
+    assert cb.build_key(7, 64, (9, 0)) == cb.build_key(7, 64, (9, 0))
+
+
+def test_doctor_without_gpu_exits_cleanly(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the no-GPU path of doctor is not reachable")
+    from infctx.ops import doctor
+
+    assert doctor.main([]) == 1
+    out = capsys.readouterr().out
+    assert "no CUDA GPU is visible" in out and "wkv_backend='auto' will use 'torch'" in out
