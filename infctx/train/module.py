@@ -100,13 +100,14 @@ class InfctxModule(pl.LightningModule):
         """Built here so that ZeRO-3 partitions parameters as they are created."""
         if self.model is not None:
             return
-        self.model = RWKV(self.arch)
         if self._zero3():
+            self.model = RWKV(self.arch, init_weights=False)  # partitioned placeholders; filled from rank 0
             self._fill_partitioned(self.model)
         elif self.init_from:
+            self.model = RWKV(self.arch, init_weights=False)
             self.model.load_state_dict(self._load_pth(), strict=True)
         else:
-            self.model.init_weights()
+            self.model = RWKV(self.arch)  # RWKV-LM initialisation
         self.engine = BPTTEngine(self.model, self.bptt_cfg, backward=self._backward)
 
     def _zero3(self) -> bool:
@@ -125,9 +126,7 @@ class InfctxModule(pl.LightningModule):
     def _initial_state_dict(self) -> dict:
         if self.init_from:
             return self._load_pth()
-        model = RWKV(self.arch)
-        model.init_weights()
-        return model.state_dict()
+        return RWKV(self.arch).state_dict()
 
     def _fill_partitioned(self, model: torch.nn.Module) -> None:
         """Copy rank 0's initial weights into ZeRO-3 partitions one parameter at a time (no full copy per rank)."""
@@ -144,12 +143,11 @@ class InfctxModule(pl.LightningModule):
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.manual_backward(loss)
-        engine_opt = getattr(self.trainer.strategy, "deepspeed_engine", None)
-        engine_opt = getattr(engine_opt, "optimizer", None)
-        if engine_opt is not None and hasattr(engine_opt, "clear_backward_seen_flag"):
-            # DeepSpeed counts micro-steps per engine.forward(); we run several backwards per forward, so mark each
-            # one done, otherwise ZeRO copies (rather than adds) the next segment's gradient partitions.
-            engine_opt.clear_backward_seen_flag()
+        if self._zero3():
+            # ZeRO-3 counts micro-steps per engine.forward() and *copies* (not adds) a backward's gradient
+            # partitions into the buffer on the first micro-step. We run one backward per segment inside a single
+            # forward, so close each backward as its own micro-step: later segments then accumulate.
+            self.trainer.strategy.deepspeed_engine.optimizer.clear_backward_seen_flag()
 
     # ---------------------------------------------------------------- optimizer
     def configure_optimizers(self):
@@ -315,6 +313,7 @@ class InfctxModule(pl.LightningModule):
         }
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
+        metrics["step"] = float(self.trainer.global_step)  # x axis = optimizer steps done (Lightning counts batches)
         self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
         self.log("loss", loss, prog_bar=True, logger=False, rank_zero_only=True, batch_size=1)
         self.log("tok/s", tok_s, prog_bar=True, logger=False, rank_zero_only=True, batch_size=1)
@@ -336,6 +335,7 @@ class InfctxModule(pl.LightningModule):
             val_loss = float(self._val[0] / self._val[1])
             self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True, batch_size=1)
             self.log("val/ppl", math.exp(min(val_loss, 50.0)), rank_zero_only=True, batch_size=1)
+            self.log("step", float(self.trainer.global_step), rank_zero_only=True, batch_size=1)
 
     # ---------------------------------------------------------------- resume
     def on_save_checkpoint(self, checkpoint: dict) -> None:
