@@ -39,13 +39,14 @@ def wkv6_naive(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
 
 
 def wkv6_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
-                 s0: Tensor | None = None, chunk_len: int = 16) -> tuple[Tensor, Tensor]:
+                 s0: Tensor | None = None, chunk_len: int = 8) -> tuple[Tensor, Tensor]:
     """Exact chunked form of `wkv6_naive`, differentiable by plain autograd.
 
-    Within a chunk, with the decay factors of `ChunkDecay`,
-        y_t = S_0 (before_t * r_t) + sum_{s<t} v_s (sum_j r_tj k_sj excl[t,s,j]) + v_t sum_j(u_j k_tj r_tj),
+    Within a chunk, with the decay factors of `ChunkDecay` (D = pairwise_before),
+        y_t = S_0 (before_t * r_t) + sum_{s<t} v_s (sum_j r_tj k_sj D[t,s,j]) + v_t sum_j(u_j k_tj r_tj),
         S_L = S_0 diag(total) + sum_s v_s (after_s * k_s)^T,
-    so only the chunk-to-chunk state update is sequential.
+    so only the chunk-to-chunk state update is sequential. The decay exp(-exp(w)) has no lower bound, so the
+    in-chunk factors are formed pairwise (each <= 1) rather than as a ratio of cumulative decays that could overflow.
     """
     for name, t in (("w", w), ("k", k), ("v", v)):
         check_seq(name, t, r)
@@ -57,15 +58,15 @@ def wkv6_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
         return r.new_zeros(r.shape), S
     lw = wkv6_log_decay(w.to(dt))
     r, lw, k, v = (to_chunks(x.to(dt), chunk_len) for x in (r, lw, k, v))
-    d = ChunkDecay.of(lw)
+    d = ChunkDecay(lw)
     u = u.to(dt)[None, :, None, None, :]                               # [1,H,1,1,N]
 
-    Q = pair(r, k, d.excl) + torch.diag_embed((u * k * r).sum(-1))     # strictly-causal part + bonus diagonal
+    Q = pair(r, k, d.pairwise_before()) + torch.diag_embed((u * k * r).sum(-1))     # strictly-causal part + bonus diagonal
     C = v.transpose(-1, -2) @ (k * d.after)                            # chunk's own contribution to S_L
     starts = []
-    for i in range(r.shape[2]):
+    for total_i, C_i in zip(d.total.unbind(2), C.unbind(2)):
         starts.append(S)
-        S = S * d.total[:, :, i, None, :] + C[:, :, i]
+        S = S * total_i[:, :, None, :] + C_i
     S0t = torch.stack(starts, dim=2).transpose(-1, -2)
     y = (r * d.before) @ S0t + Q @ v
     return from_chunks(y, T).to(out_dtype), S
@@ -85,6 +86,6 @@ def wkv5_naive(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
 
 
 def wkv5_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
-                 s0: Tensor | None = None, chunk_len: int = 16) -> tuple[Tensor, Tensor]:
+                 s0: Tensor | None = None, chunk_len: int = 8) -> tuple[Tensor, Tensor]:
     """wkv6_chunked with the time-constant decay w [H,N]."""
     return wkv6_chunked(r, _time_constant(w, r), k, v, u, s0, chunk_len)
