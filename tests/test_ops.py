@@ -120,11 +120,21 @@ def test_chunk_length_and_padding_do_not_change_results(version):
 
 @pytest.mark.parametrize("version", [5, 6, 7])
 def test_fp32_chunked_tracks_float64_oracle_over_long_sequence(version):
-    inputs = make_inputs(version, 2, 600, 2, 64, dtype=torch.float32)
+    inputs = make_inputs(version, 2, 300, 2, 64, dtype=torch.float32)
     y, sT = CHUNKED[version](*inputs)
     y_ref, s_ref = NAIVE[version](*(x.double() for x in inputs))
     assert y.dtype == torch.float32 and sT.dtype == torch.float32
-    assert rel_err(y, y_ref) < 1e-5 and rel_err(sT, s_ref) < 1e-5
+    assert rel_err(y, y_ref) < 2e-6 and rel_err(sT, s_ref) < 2e-6  # the fp32 naive op itself is ~1e-6 off
+
+
+def test_wkv6_chunked_exact_under_extreme_decay():
+    """Per-token log decays down to -e^7.5 = -1800 must neither overflow nor lose precision (no clamping)."""
+    inputs = make_inputs(6, 2, 50, 1, 16)
+    inputs[1] = inputs[1] * 3.0
+    inputs = [x.float() for x in inputs]
+    y, sT = wkv6_chunked(*inputs)
+    y_ref, s_ref = wkv6_naive(*(x.double() for x in inputs))
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(sT, s_ref) < 1e-6
 
 
 @pytest.mark.parametrize("fn", [wkv7_naive, wkv7_chunked, wkv6_naive, wkv6_chunked, wkv5_naive, wkv5_chunked])
@@ -135,7 +145,7 @@ def test_bf16_inputs_keep_fp32_state(fn):
     assert y.dtype == torch.bfloat16 and sT.dtype == torch.float32
     y_ref, s_ref = NAIVE[version](*(x.double() for x in inputs))  # same bf16 values, exact math
     assert rel_err(sT, s_ref) < 1e-5  # the state never passed through bf16
-    assert rel_err(y, y_ref) < 1e-2   # only the output rounding to bf16
+    assert rel_err(y, y_ref) < 5e-3   # only the output rounding to bf16
 
 
 def test_empty_sequence_returns_initial_state():
@@ -157,7 +167,7 @@ def test_s0_none_means_zeros():
 @pytest.mark.parametrize("version", [5, 6, 7])
 @pytest.mark.parametrize("kind", ["naive", "chunked"])
 def test_gradcheck(version, kind):
-    inputs = [x.requires_grad_() for x in make_inputs(version, 2, 5, 1, 4)]
+    inputs = [x.requires_grad_() for x in make_inputs(version, 2, 5, 1, 3)]
     fn = NAIVE[version] if kind == "naive" else (lambda *xs: CHUNKED[version](*xs, chunk_len=2))
     assert torch.autograd.gradcheck(fn, inputs)
 
