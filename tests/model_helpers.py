@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from infctx.model import RWKV, ModelConfig
@@ -22,3 +23,12 @@ def tiny_model(version: int, seed: int = 0, noise: float = 0.1, dtype=torch.floa
         for p in model.parameters():
             p.add_(torch.randn_like(p) * noise)
     return model.to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far more predictably when other test processes share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from infctx.model import RWKV, ModelConfig, State
-from model_helpers import tiny_config, tiny_model
+from model_helpers import one_thread, tiny_config, tiny_model  # noqa: F401 (autouse fixture)
 
 VERSIONS = (5, 6, 7)
 
