@@ -4,6 +4,8 @@ and the backend registry."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 
 from infctx.ops import (get_wkv, registry, resolve_backend, wkv5_chunked, wkv5_naive, wkv6_chunked, wkv6_naive,
                         wkv7_chunked, wkv7_naive)
+from infctx.ops.fla_ops import fla_available
 
 NAIVE = {5: wkv5_naive, 6: wkv6_naive, 7: wkv7_naive}
 CHUNKED = {5: wkv5_chunked, 6: wkv6_chunked, 7: wkv7_chunked}
@@ -203,3 +206,47 @@ def test_registry_unavailable_backend_and_auto(monkeypatch):
     registry.register(7, "cuda", wkv7_naive)
     assert resolve_backend("auto", "cuda") == "cuda"
     assert resolve_backend("auto", "cpu") == "torch"
+
+
+def test_fla_backend_reports_why_it_is_unavailable():
+    reason = fla_available()
+    if reason is None:
+        assert callable(get_wkv(7, "fla"))
+    else:
+        with pytest.raises(RuntimeError, match=re.escape(f"'fla' for RWKV-7 is unavailable: {reason}")):
+            get_wkv(7, "fla")
+
+
+# --- on a GPU: the torch ops run there unchanged, and fla agrees with the oracle ----------------------------------
+
+def _gpu_vs_oracle(fn, version, dtype, B=2, T=100, H=2, N=64):
+    """Relative errors of y, sT and every gradient of fn on the GPU against the float64 naive op on the CPU."""
+    inputs = make_inputs(version, B, T, H, N, dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    dy = torch.randn(B, T, H, N, generator=g, dtype=torch.float64)
+    dsT = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
+    ref = forward_backward(NAIVE[version], [x.double() for x in inputs], dy, dsT)
+    got = forward_backward(fn, [x.cuda() for x in inputs], dy.float().cuda(), dsT.float().cuda())
+    return rel_err(got[0].cpu(), ref[0]), rel_err(got[1].cpu(), ref[1]), \
+        [rel_err(a.cpu(), b) for a, b in zip(got[2], ref[2])]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_chunked_on_gpu_matches_oracle(version):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    err_y, err_s, err_g = _gpu_vs_oracle(CHUNKED[version], version, torch.float32)
+    assert err_y < 1e-5 and err_s < 1e-5 and max(err_g) < 1e-4, (err_y, err_s, err_g)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_fla_matches_oracle(version, dtype):
+    reason = fla_available()
+    if reason is not None:
+        pytest.skip(reason)
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    err_y, err_s, err_g = _gpu_vs_oracle(get_wkv(version, "fla"), version, dtype)
+    assert err_y < tol and err_s < tol and max(err_g) < tol, (err_y, err_s, err_g)

@@ -15,7 +15,7 @@ def to_chunks(x: Tensor, L: int) -> Tensor:
     B, T, H, N = x.shape
     n = -(-T // L)
     x = F.pad(x, (0, 0, 0, 0, 0, n * L - T))
-    return x.view(B, n, L, H, N).permute(0, 3, 1, 2, 4)
+    return x.reshape(B, n, L, H, N).permute(0, 3, 1, 2, 4)
 
 
 def from_chunks(y: Tensor, T: int) -> Tensor:

@@ -61,8 +61,8 @@ def wkv6_chunked(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
     d = ChunkDecay(lw)
     u = u.to(dt)[None, :, None, None, :]                               # [1,H,1,1,N]
 
-    Q = pair(r, k, d.pairwise_before()) + torch.diag_embed((u * k * r).sum(-1))     # strictly-causal part + bonus diagonal
-    C = v.transpose(-1, -2) @ (k * d.after)                            # chunk's own contribution to S_L
+    Q = pair(r, k, d.pairwise_before()) + torch.diag_embed((u * k * r).sum(-1))  # causal part + bonus diagonal
+    C = v.mT @ (k * d.after)                                           # chunk's own contribution to S_L
     starts = []
     for total_i, C_i in zip(d.total.unbind(2), C.unbind(2)):
         starts.append(S)
