@@ -199,16 +199,20 @@ class InfctxModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         inputs, targets, mask = batch["input_ids"], batch["targets"], batch.get("mask")
-        batch_rows, seq_len = inputs.shape
-        counted = float(mask.sum()) if mask is not None else float(batch_rows * seq_len)
-        segments = math.ceil(seq_len / self.segment_len)
-        n_segments, counted_global = segments, counted
+        counted = float(mask.sum()) if mask is not None else float(inputs.numel())
+        counted_global = counted
         if self.trainer.world_size > 1:
-            agreed = torch.tensor([segments, -counted], dtype=torch.float64, device=self.device)
+            # Ranks agree on the length (max) and the global counted-token total (sum). Shorter batches are padded
+            # with zero-weight tokens to the common length: every rank then runs the same segments, the same
+            # no-grad and grad forwards and the same backwards, so ZeRO-3's per-module gathers stay in lockstep.
+            stats = torch.tensor([inputs.shape[1], -counted], dtype=torch.float64, device=self.device)
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
             total = torch.tensor([counted], dtype=torch.float64, device=self.device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             dist.all_reduce(total)
-            n_segments, counted_global = int(agreed[0]), float(total[0])
+            inputs, targets, mask = _pad_to(inputs, targets, mask, int(stats[0]))
+            counted_global = float(total[0])
+        n_segments = math.ceil(inputs.shape[1] / self.segment_len)
+        # Gradient = d(global token-weighted mean)/d(params) after the ranks' gradients are averaged.
         share = self.trainer.world_size * counted / counted_global if counted_global > 0 else 0.0
         self._step_batches.append({k: v.detach().cpu() for k, v in batch.items() if torch.is_tensor(v)})
         with self._no_sync():
@@ -217,8 +221,8 @@ class InfctxModule(pl.LightningModule):
             )
         self._loss_sum += float(result.loss) * counted
         self._tok_counted += counted
-        self._tok_input += batch_rows * seq_len
-        self._segments = max(self._segments, n_segments)
+        self._tok_input += batch["input_ids"].numel()
+        self._segments = max(self._segments, result.n_segments)
         self._micro += 1
         if self._micro == self.accumulate:
             self._optimizer_step()
@@ -388,6 +392,17 @@ class InfctxModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
             print("infctx fit\n  " + "\n  ".join(self.summary_lines()), flush=True)
+
+
+def _pad_to(inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, length: int):
+    """Right-pad a batch to `length` tokens with zero-weight positions (a causal model: earlier outputs unchanged)."""
+    extra = length - inputs.shape[1]
+    if mask is None:
+        mask = torch.ones(inputs.shape, dtype=torch.float32, device=inputs.device)
+    if extra <= 0:
+        return inputs, targets, mask
+    pad = lambda t: torch.nn.functional.pad(t, (0, extra))  # noqa: E731  (zeros: token 0, weight 0)
+    return pad(inputs), pad(targets), pad(mask)
 
 
 def _rng_state() -> dict:
