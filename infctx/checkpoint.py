@@ -187,16 +187,17 @@ def load_pth(path: str | os.PathLike, cfg: ModelConfig | None = None) -> dict[st
 
 
 def load_model(path: str | os.PathLike, cfg: ModelConfig | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> RWKV:
-    """An RWKV model with the weights of an RWKV-LM .pth; the config is read from the tensors unless `cfg` is given.
+               device: str | torch.device = "cpu", wkv_backend: str = "auto") -> RWKV:
+    """An RWKV model with the weights of an RWKV-LM .pth; the config is read from the tensors (with `wkv_backend`)
+    unless `cfg` is given.
 
-    Built on the meta device and filled by assignment, so the only copy made is the cast to `dtype` / `device`.
+    Built on the meta device and filled by assignment, so the only copy made is the cast to `dtype` / `device`
+    (none at all for fp32 weights on CPU from an fp32 file: the parameters then are the copy-on-write mapped file).
     """
-    weights, _ = split_time_state(read_tensors(path))
-    cfg = config_for(weights, cfg, str(path))
+    weights = load_pth(path, cfg)
     with torch.device("meta"):
-        model = RWKV(cfg, init_weights=False)
-    check_shapes({k: t.shape for k, t in model.state_dict().items()}, weights, str(path))
+        model = RWKV(cfg if cfg is not None else infer_config(weights, str(path), wkv_backend=wkv_backend),
+                     init_weights=False)
     model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in weights.items()}, assign=True)
     return model
 

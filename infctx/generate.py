@@ -64,18 +64,18 @@ def generate_ids(
     """
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token (e.g. the tokenizer's end-of-document id)")
-    device = next(model.parameters()).device
+    weight = model.emb.weight
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     if state is not None:
-        state = state.to(device)
-    logits, state = model.forward(torch.tensor([prompt_ids], dtype=torch.long, device=device), state)
+        state = state.to(weight.device, weight.dtype)  # shift vectors in the model's dtype, wkv stays fp32
+    logits, state = model.forward(torch.tensor([prompt_ids], dtype=torch.long, device=weight.device), state)
     last = logits[0, -1]
     for i in range(sampling.max_tokens):
         token = sample_token(last, sampling.temperature, sampling.top_p, generator)
         yield token
         if token in sampling.stop_ids or i == sampling.max_tokens - 1:
             return
-        logits, state = model.forward_one(torch.tensor([token], dtype=torch.long, device=device), state)
+        logits, state = model.forward_one(torch.tensor([token], dtype=torch.long, device=weight.device), state)
         last = logits[0]
 
 
@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
                         "default: the time_state merged into --model, if any")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--wkv-backend", default="auto", help="WKV op: auto (CUDA kernel on GPU if it builds), torch, cuda")
     p.add_argument("--stop-at-eod", action="store_true", help="stop when the end-of-document token is generated")
     return p
 
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> int:
     dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     try:
-        model = load_model(args.model, dtype=dtype, device=device).eval()
+        model = load_model(args.model, dtype=dtype, device=device, wkv_backend=args.wkv_backend).eval()
         tokenizer = get_tokenizer(args.tokenizer)
         if args.init_state:
             state = load_state_file(args.init_state, model.cfg)

@@ -95,6 +95,17 @@ def test_init_bf16_and_load_dtype(tmp_path):
     assert torch.equal(model.emb.weight, bf16["emb.weight"].float())
 
 
+def test_loaded_model_never_writes_back_to_the_mapped_file(tmp_path):
+    out = tmp_path / "m.pth"
+    save_pth(RWKV(tiny_cfg(7, n_embd=64)), out, torch.float32)
+    before = read_tensors(out)["emb.weight"].clone()
+    model = load_model(out)  # fp32 from an fp32 file: parameters are the memory-mapped tensors themselves
+    with torch.no_grad():
+        model.emb.weight.add_(1.0)
+    assert model.emb.weight.requires_grad
+    assert torch.equal(read_tensors(out)["emb.weight"], before)
+
+
 @pytest.mark.parametrize("cfg", [
     ModelConfig(version=5, n_layer=3, n_embd=128, vocab_size=300, head_size=32, dim_ffn=256),
     ModelConfig(version=6, n_layer=2, n_embd=256, vocab_size=70, head_size=64, dim_att=128, d_mix_lora=16,

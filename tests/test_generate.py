@@ -56,7 +56,7 @@ def test_sample_token_follows_temperature_and_top_p():
     """Frequencies over many draws against hand-computed probabilities."""
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     g = torch.Generator().manual_seed(0)
-    n = 20000
+    n = 10000
 
     def freq(temperature, top_p):
         counts = torch.bincount(torch.tensor([sample_token(logits, temperature, top_p, g) for _ in range(n)]),
@@ -65,10 +65,10 @@ def test_sample_token_follows_temperature_and_top_p():
 
     # top_p 0.6: token 1 is kept (mass before it 0.5 < 0.6), token 2 is not (0.8): renormalised 0.5/0.8, 0.3/0.8
     torch.testing.assert_close(freq(1.0, 0.6), torch.tensor([0.625, 0.375, 0.0, 0.0], dtype=torch.float64),
-                               atol=0.015, rtol=0)
+                               atol=0.02, rtol=0)
     # temperature 0.5 squares the probabilities: 0.25, 0.09, 0.0225, 0.0025 over 0.365
     p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64) ** 2
-    torch.testing.assert_close(freq(0.5, 1.0), p / p.sum(), atol=0.015, rtol=0)
+    torch.testing.assert_close(freq(0.5, 1.0), p / p.sum(), atol=0.02, rtol=0)
     assert sample_token(logits, 0.0, 0.9, g) == 0
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0.0)
@@ -126,12 +126,23 @@ def test_cli_streams_what_the_api_yields(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-def test_gpu_generation_matches_cpu():
+def test_gpu_generation_matches_cpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     model = tiny_model(7)
     prompt = [3, 40, 41, 200, 7]
     greedy = SamplingConfig(max_tokens=16, temperature=0.0)
     cpu = list(generate_ids(model, prompt, greedy))
-    gpu = list(generate_ids(model.cuda(), prompt, greedy))
-    assert gpu == cpu
+    gpu_model = tiny_model(7).cuda()
+    assert list(generate_ids(gpu_model, prompt, greedy)) == cpu
+    # bf16 on the GPU with an fp32 state from a file (the CLI's default on GPU): runs and is reproducible.
+    state = State.zeros(model.cfg, 1)
+    state.wkv.normal_(generator=torch.Generator().manual_seed(3))
+    sampled = SamplingConfig(max_tokens=16, temperature=0.8, seed=1)
+    bf16 = gpu_model.bfloat16()
+    first = list(generate_ids(bf16, prompt, sampled, state))
+    assert len(first) == 16 and first == list(generate_ids(bf16, prompt, sampled, state))
+    save_pth(model, tmp_path / "m.pth", torch.bfloat16)
+    state.save(tmp_path / "s.pt")
+    assert main(["--model", str(tmp_path / "m.pth"), "--tokenizer", "bytes", "--prompt", "GPU", "--max-tokens", "8",
+                 "--init_state", str(tmp_path / "s.pt"), "--device", "cuda"]) == 0
