@@ -129,23 +129,28 @@ def agreement(version: int) -> float:
     return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
 
 
-def run(cfg: BenchConfig) -> dict:
-    rows, fla_error = [], None
+def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) -> dict:
+    """Time every (version, shape, impl); `on_update` gets the partial result after each row (so a run cut
+    short still leaves its numbers on disk)."""
+    res = dict(gpu=torch.cuda.get_device_name(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               torch=torch.__version__, cuda=torch.version.cuda, fla_core=None, fla_error=None,
+               y_agreement_vs_fla={}, dtype="bf16 inputs, fp32 state in/out", rows=[])
     impls = {"ours": ours}
     if cfg.with_fla:
         try:
+            import importlib.metadata as md
+
             import fla as fla_pkg  # noqa: F401
 
             impls["fla"] = fla
+            res["fla_core"] = md.version("fla-core")
         except ImportError as err:
-            fla_error = f"fla-core not importable ({err}); `pip install fla-core` for the comparison"
-    checks = {}
+            res["fla_error"] = f"fla-core not importable ({err}); `pip install fla-core` for the comparison"
     for version in cfg.versions:
-        if "fla" in impls:
-            checks[f"wkv{version}"] = agreement(version)
         for B, T, H in cfg.shapes:
             times = {}
             for name, make_fn in impls.items():
+                print(f"wkv{version} {name} B={B} T={T} H={H} ...", flush=True)
                 x = make_inputs(version, B, T, H, cfg.head_size)
                 try:
                     times[name] = measure(make_fn(version), x, cfg)
@@ -159,16 +164,13 @@ def run(cfg: BenchConfig) -> dict:
                     row["mtok_s"] = round(B * T / t["ms_fwd_bwd"] / 1e3, 3)
                 if name == "ours" and "ms_fwd_bwd" in times.get("fla", {}) and "ms_fwd_bwd" in t:
                     row["speedup_vs_fla"] = round(times["fla"]["ms_fwd_bwd"] / t["ms_fwd_bwd"], 3)
-                rows.append(row)
+                res["rows"].append(row)
                 print(json.dumps(row), flush=True)
-    fla_version = None
-    if "fla" in impls:
-        import importlib.metadata as md
-
-        fla_version = md.version("fla-core")
-    return dict(gpu=torch.cuda.get_device_name(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                torch=torch.__version__, cuda=torch.version.cuda, fla_core=fla_version, fla_error=fla_error,
-                y_agreement_vs_fla=checks, dtype="bf16 inputs, fp32 state in/out", rows=rows)
+            on_update(res)
+        if "fla" in impls:
+            res["y_agreement_vs_fla"][f"wkv{version}"] = agreement(version)
+            on_update(res)
+    return res
 
 
 def markdown(res: dict) -> str:
@@ -210,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         print("bench-kernels: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU machine")
         return 1
     cfg = BenchConfig(out_dir=args.out_dir, versions=tuple(args.versions), reps=args.reps, with_fla=not args.no_fla)
-    res = run(cfg)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(cfg.out_dir / "kernels.json", json.dumps(res, indent=1) + "\n")
-    md = markdown(res)
-    write_atomic(cfg.out_dir / "kernels.md", md)
-    print(md)
+
+    def save(res: dict) -> None:
+        write_atomic(cfg.out_dir / "kernels.json", json.dumps(res, indent=1) + "\n")
+        write_atomic(cfg.out_dir / "kernels.md", markdown(res))
+
+    res = run(cfg, save)
+    save(res)
+    print(markdown(res))
     return 0
 
 

@@ -35,6 +35,7 @@ HEADERS = ("wkv_common.cuh", "wkv_check.h", "wkv56_kernels.cuh")
 HEAD_SIZES = {5: (64,), 6: (64,), 7: (64, 128)}
 MIN_CAPABILITY = (8, 0)  # bf16 arithmetic
 NVCC_FLAGS = ("-O3", "-std=c++17", "--extra-device-vectorization", "-Xptxas=-O3")
+HOST_FLAGS = ("-O3", "-std=c++17")
 
 
 class CudaBuildError(RuntimeError):
@@ -138,7 +139,7 @@ def build_key(version: int, head_size: int, capability: tuple[int, int]) -> str:
     digest = hashlib.sha256()
     for name in (*SOURCES[version], *HEADERS):
         digest.update(name.encode() + b"\0" + (CUDA_DIR / name).read_bytes())
-    meta = [str(version), str(head_size), *build_flags(head_size, capability), torch.__version__,
+    meta = [str(version), str(head_size), *build_flags(head_size, capability), *HOST_FLAGS, torch.__version__,
             str(torch.version.cuda), sys.version.split()[0]]
     digest.update("\0".join(meta).encode())
     return digest.hexdigest()[:16]
@@ -191,7 +192,8 @@ def _build(version: int, head_size: int, capability: tuple[int, int], cfg: Build
             stale.unlink()
         try:
             module = load(name=name, sources=[str(CUDA_DIR / s) for s in SOURCES[version]],
-                          extra_cuda_cflags=build_flags(head_size, capability), extra_cflags=["-O3", "-std=c++17"],
+                          extra_cuda_cflags=build_flags(head_size, capability),
+                          extra_cflags=[*HOST_FLAGS, f"-DWKV_N={head_size}"],
                           extra_include_paths=[str(CUDA_DIR)], build_directory=str(build_dir), verbose=cfg.verbose)
         except Exception as err:  # compiler output is printed by torch; keep our line short
             raise CudaBuildError(f"wkv cuda: building {name} failed ({type(err).__name__}: "
