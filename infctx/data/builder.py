@@ -9,6 +9,7 @@ fingerprint (inputs, tokenizer, format, dtype) matches.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -207,8 +208,12 @@ def _work(unit: Unit) -> _Chunk:
 
 
 def _ordered_results(ctx: _Ctx, units, workers: int):
-    """Yield (unit, chunk) in input order, with at most a few units in flight (memory stays flat)."""
-    if workers <= 1:
+    """Yield (unit, chunk) in input order, with at most a few units in flight (memory stays flat).
+    An input of a single unit is done in this process: starting workers would cost more than it saves."""
+    units = iter(units)
+    head = list(itertools.islice(units, 2))
+    units = itertools.chain(head, units)
+    if workers <= 1 or len(head) < 2:
         for unit in units:
             yield unit, process_unit(ctx, unit)
         return
