@@ -233,3 +233,17 @@ def test_state_save_load_select_detach_zero(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a state")
     with pytest.raises(Exception, match="bad.pt"):
         State.load(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_head_size_128_parallel_equals_recurrent(version):
+    model = tiny_model(version, seed=30 + version, n_embd=128, head_size=128)
+    assert model.cfg.n_head == 1 and tuple(model.zero_state(1).wkv.shape) == (2, 1, 1, 128, 128)
+    idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        whole, _ = model(idx)
+        state, steps = None, []
+        for t in range(idx.shape[1]):
+            logits, state = model.forward_one(idx[:, t], state)
+            steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), whole, atol=2e-5, rtol=1e-5)
