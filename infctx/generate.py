@@ -1,8 +1,8 @@
 """Text generation in RNN mode: the prompt in parallel mode, then one token at a time with the State carried.
 
 The prompt costs one parallel `forward` (fast, like training); every new token costs one `forward_one`, whose cost does not
-grow with the length of the text so far. Sampling happens on the CPU in float64 from a seeded generator, so a seed gives
-the same text whatever device the model runs on (up to the model's own numerics).
+grow with the length of the text so far. Sampling draws from a seeded CPU generator, so a seed gives the same text whatever
+device the model runs on (up to the model's own numerics).
 """
 
 from __future__ import annotations
@@ -40,18 +40,21 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     """One token id from 1-D logits: greedy at temperature 0, else softmax(logits / T) cut to the top-p nucleus.
 
     The nucleus keeps the most probable tokens whose cumulative probability before them is below top_p (so the most
-    probable token is always kept), then renormalises.
+    probable token is always kept). The draw inverts the cumulative distribution at one uniform number from the
+    (CPU) generator, computed in float64 on the logits' device: no host copy of the logits, and the same seed picks
+    the same token on CPU and GPU up to rounding.
     """
-    logits = logits.detach().to("cpu", torch.float64)
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax(logits.detach().double() / temperature, dim=-1)
+    sorted_probs, order = torch.sort(probs, descending=True)
     if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs = torch.where(mass_before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+        sorted_probs = sorted_probs * (mass_before < top_p)
+    cdf = torch.cumsum(sorted_probs, dim=-1)
+    u = torch.rand((), generator=generator, dtype=torch.float64).to(cdf.device) * cdf[-1]
+    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.numel() - 1)
+    return int(order[pick])
 
 
 @torch.no_grad()
@@ -82,18 +85,21 @@ def generate_ids(
 def stream_text(ids: Iterable[int], tokenizer) -> Iterator[str]:
     """Decode token ids into text pieces as they arrive.
 
-    A token can end in the middle of a multi-byte UTF-8 character; such pieces decode to U+FFFD, so they are held back
-    until the character completes (or the stream ends).
+    The whole output so far is decoded each time and only its new tail is yielded: decoding tokens one by one would
+    break characters split across tokens (multi-byte UTF-8, which decodes to U+FFFD until complete) and lose the
+    word-joining spaces of SentencePiece-style decoders.
     """
-    pending: list[int] = []
+    ids_so_far: list[int] = []
+    shown = ""
     for token in ids:
-        pending.append(token)
-        text = tokenizer.decode(pending)
-        if not text.endswith("\ufffd"):
-            yield text
-            pending = []
-    if pending:
-        yield tokenizer.decode(pending)
+        ids_so_far.append(token)
+        text = tokenizer.decode(ids_so_far)
+        if not text.endswith("\ufffd") and text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(ids_so_far)
+    if text.startswith(shown) and text != shown:  # e.g. an incomplete character at the very end
+        yield text[len(shown):]
 
 
 def generate(

@@ -13,10 +13,11 @@ from infctx.generate import SamplingConfig, generate, generate_ids, main, sample
 from infctx.model import RWKV, ModelConfig, State
 
 
-def tiny_model(version: int = 7, vocab: int = 256, seed: int = 0) -> RWKV:
+def tiny_model(version: int = 7, vocab: int = 256, seed: int = 0, head_size: int = 32) -> RWKV:
     """RWKV-LM init plus noise (the init zeroes output projections, which would make the blocks no-ops)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(version=version, n_layer=2, n_embd=64, vocab_size=vocab, head_size=32, wkv_backend="torch")
+    cfg = ModelConfig(version=version, n_layer=2, n_embd=64, vocab_size=vocab, head_size=head_size,
+                      wkv_backend="torch")
     model = RWKV(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -105,6 +106,15 @@ def test_stream_text_waits_for_complete_utf8_characters():
     assert "世" in pieces and "界" in pieces  # each 3-byte character came out whole, once complete
     assert list(stream_text([0xE4, 0xB8], tok)) == ["\ufffd"]  # a truncated character is still flushed at the end
 
+    class Metaspace:  # SentencePiece-style: each word token carries its leading space, stripped at the text start
+        words = ["\u2581Hello", "\u2581big", "\u2581world"]
+
+        def decode(self, ids):
+            return "".join(self.words[i] for i in ids).replace("\u2581", " ").lstrip(" ")
+
+    pieces = list(stream_text([0, 1, 2], Metaspace()))
+    assert pieces == ["Hello", " big", " world"]  # token-by-token decoding would give "Hellobigworld"
+
 
 def test_cli_streams_what_the_api_yields(tmp_path, capsys):
     model = tiny_model(7)
@@ -129,11 +139,11 @@ def test_cli_streams_what_the_api_yields(tmp_path, capsys):
 def test_gpu_generation_matches_cpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    model = tiny_model(7)
+    model = tiny_model(7, head_size=64)  # a head size the CUDA kernel has, for the CLI's 'auto' backend below
     prompt = [3, 40, 41, 200, 7]
     greedy = SamplingConfig(max_tokens=16, temperature=0.0)
     cpu = list(generate_ids(model, prompt, greedy))
-    gpu_model = tiny_model(7).cuda()
+    gpu_model = tiny_model(7, head_size=64).cuda()
     assert list(generate_ids(gpu_model, prompt, greedy)) == cpu
     # bf16 on the GPU with an fp32 state from a file (the CLI's default on GPU): runs and is reproducible.
     state = State.zeros(model.cfg, 1)
