@@ -50,6 +50,7 @@ class BuildConfig:
     chunk_bytes: int = 4 << 20
     progress: bool = True
     force: bool = False
+    start_method: str = "auto"  # worker processes: auto (fork where the OS has it: instant start) | fork | spawn
 
     def __post_init__(self) -> None:
         self.inputs = [i if isinstance(i, InputSpec) else InputSpec(**(i if isinstance(i, dict) else {"path": i}))
@@ -207,7 +208,7 @@ def _work(unit: Unit) -> _Chunk:
     return process_unit(_WORKER_CTX[0], unit)
 
 
-def _ordered_results(ctx: _Ctx, units, workers: int):
+def _ordered_results(ctx: _Ctx, units, workers: int, start_method: str = "auto"):
     """Yield (unit, chunk) in input order, with at most a few units in flight (memory stays flat).
     An input of a single unit is done in this process: starting workers would cost more than it saves."""
     units = iter(units)
@@ -217,7 +218,9 @@ def _ordered_results(ctx: _Ctx, units, workers: int):
         for unit in units:
             yield unit, process_unit(ctx, unit)
         return
-    pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(ctx,))
+    if start_method == "auto":
+        start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pool = mp.get_context(start_method).Pool(workers, initializer=_init_worker, initargs=(ctx,))
     try:
         pending: deque = deque()
         for unit in units:
@@ -278,7 +281,8 @@ def build(cfg: BuildConfig) -> BuildResult:
     in_bytes = 0
     try:
         unit_iter = (u for spec in cfg.inputs for u in sources.units(spec, cfg.chunk_bytes))
-        for unit, chunk in _ordered_results(ctx, unit_iter, workers):
+        t_first = time.time()
+        for unit, chunk in _ordered_results(ctx, unit_iter, workers, cfg.start_method):
             for line, kind, detail in chunk.errors:
                 where = f"{unit.source}:{line}" if unit.kind != "rows" else f"{unit.source} row {line}"
                 if cfg.strict:
@@ -323,6 +327,7 @@ def build(cfg: BuildConfig) -> BuildResult:
         "magic_prime": {str(c): magic_prime_info(writer.num_tokens, c) for c in cfg.ctx_lens},
         "skipped": dict(counts),
         "input_bytes": in_bytes, "build_seconds": round(seconds, 3), "workers": workers,
+        "startup_seconds": round(t_first - t0, 3),  # tokenizer load and fingerprint, before any input is read
     }
     tmp_meta = meta_path(cfg.output) + ".tmp"
     Path(tmp_meta).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")

@@ -50,15 +50,19 @@ class Tokenizer:
 def _load_world(path: str) -> tuple[tuple[bytes, ...], ByteTrie, str]:
     """Parse the vocab (lines `id repr(token) byte_length`) into an id -> bytes table and the trie."""
     raw = Path(path).read_bytes()
+    lines = [l for l in raw.decode("utf-8").splitlines() if l.strip()]
+    try:
+        ids = [int(l[: l.index(" ")]) for l in lines]
+        lengths = [int(l[l.rindex(" "):]) for l in lines]
+        # one literal_eval of the whole list is ~4x faster than one per line
+        toks = ast.literal_eval("[" + ",".join(l[l.index(" "): l.rindex(" ")] for l in lines) + "]")
+    except (ValueError, SyntaxError):
+        raise ValueError(f"{path}: malformed vocabulary (expected lines `id repr(token) byte_length`)") from None
     table: dict[int, bytes] = {}
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        first, last = line.index(" "), line.rindex(" ")
-        tid, tok = int(line[:first]), ast.literal_eval(line[first:last])
+    for lineno, (tid, tok, n) in enumerate(zip(ids, toks, lengths), 1):
         tok = tok.encode("utf-8") if isinstance(tok, str) else tok
-        if not isinstance(tok, bytes) or len(tok) != int(line[last:]):
-            raise ValueError(f"{path}:{lineno}: malformed vocabulary line")
+        if not isinstance(tok, bytes) or len(tok) != n:
+            raise ValueError(f"{path}:{lineno}: token length does not match its declared {n} bytes")
         table[tid] = tok
     size = max(table) + 1
     id2tok = tuple(table.get(i, b"") for i in range(size))
