@@ -299,7 +299,14 @@ def _is_deepspeed_dir(path: Path) -> bool:
 
 
 def find_checkpoint(run: Path) -> Path:
-    """The checkpoint to export from a run directory: a 'last*' one if present, else the most recently written."""
+    """The checkpoint to export from a run directory: the one a `last` pointer file names (infctx fit writes
+    checkpoints/last), else a 'last*' checkpoint, else the most recently written one."""
+    pointers = sorted((p for p in run.rglob("last") if p.is_file() and p.stat().st_size < 4096),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+    for pointer in pointers:
+        target = pointer.parent / pointer.read_text().strip()
+        if pointer.read_text().strip() and target.exists():
+            return target
     found = [p for p in run.rglob("*") if (p.is_file() and p.suffix in (".ckpt", ".pth")) or _is_deepspeed_dir(p)]
     found = [p for p in found if not any(_is_deepspeed_dir(q) for q in p.parents)]  # not the shards inside one
     if not found:

@@ -242,6 +242,13 @@ def test_export_from_lightning_run_directory(tmp_path, capsys):
     assert_same_tensors(exported, {k: v.bfloat16() for k, v in weights.items()})
     assert "RWKV-6 L2 D128" in capsys.readouterr().out
 
+    # infctx fit's layout: checkpoints/step-*.ckpt plus a one-line `last` pointer naming the newest.
+    (run / "last.ckpt").rename(run / "step-00000009.ckpt")
+    (run / "last").write_text("step-00000009.ckpt\n")
+    os.utime(run / "step=1.ckpt")
+    assert main_export([str(tmp_path / "run"), "--output", str(out), "--dtype", "fp32"]) == 0
+    assert_same_tensors(read_tensors(out), weights)
+
 
 def test_model_weights_finds_the_prefix():
     w = {"emb.weight": torch.ones(1), "head.weight": torch.ones(1), "blocks.0.ln1.weight": torch.ones(1)}
