@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(prog="python -m infctx.bench.data", description=__doc__)
     p.add_argument("--size-mb", type=float, default=200.0, help="generated JSONL size (default 200)")
+    p.add_argument("--workers", type=int, nargs="+", help="worker counts for the full-size build (default: 1 and all cores)")
     p.add_argument("--work-dir", default="bench/work")
     p.add_argument("--out-dir", default="bench/results")
     args = p.parse_args(argv)
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             generate(path, mb)
     cores = os.cpu_count() or 1
     builds = []
-    for path, workers in ((small, cores), (src, 1), (src, cores)) if cores > 1 else ((small, 1), (src, 1)):
+    counts = args.workers or sorted({1, cores})
+    for path, workers in [(small, max(counts))] + [(src, w) for w in counts]:
         row = run_build(path, work / f"built-{workers}", workers)
         print(f"{row['input_mb']} MB, {workers} worker(s): {row['mb_s']:.1f} MB/s ({row['mb_s_per_core']:.1f} per core), "
               f"{row['tokens_s_per_core'] / 1e6:.2f} M tokens/s per core, peak RSS {row['rss_main_mb']:.0f} MB main / "

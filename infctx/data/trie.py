@@ -122,7 +122,34 @@ def _build_double_array(child_start, child_byte, child_node, node_token):
     return (check[:used] << 41) | (tok[:used] << 24) | base[:used]
 
 
+def _prefix_nodes(flat, offsets, ids):
+    """Trie nodes of lexicographically sorted keys: node n > 0 has parent[n], byte[n], token[n] (-1 if no key
+    ends there). A key shares its first lcp bytes with the previous key, so only its deeper prefixes are new."""
+    n_keys = offsets.shape[0] - 1
+    cap = flat.shape[0] + 1
+    parent = np.zeros(cap, dtype=np.int64)
+    byte = np.zeros(cap, dtype=np.int64)
+    token = np.full(cap, -1, dtype=np.int64)
+    path = np.zeros(1024, dtype=np.int64)  # node at each depth along the previous key
+    n = 1
+    prev_a, prev_b = 0, 0
+    for k in range(n_keys):
+        a, b = offsets[k], offsets[k + 1]
+        lcp = 0
+        while lcp < b - a and lcp < prev_b - prev_a and flat[a + lcp] == flat[prev_a + lcp]:
+            lcp += 1
+        for d in range(lcp, b - a):
+            parent[n] = path[d]
+            byte[n] = flat[a + d]
+            path[d + 1] = n
+            n += 1
+        token[path[b - a]] = ids[k]
+        prev_a, prev_b = a, b
+    return parent[:n], byte[:n], token[:n]
+
+
 encode_segments = _jit(_encode_segments)
+prefix_nodes = _jit(_prefix_nodes)
 build_double_array = _jit(_build_double_array)
 COMPILED = numba is not None
 
@@ -135,27 +162,19 @@ class ByteTrie:
 
     @classmethod
     def build(cls, tokens: dict[bytes, int]) -> "ByteTrie":
-        children: list[dict[int, int]] = [{}]
-        node_token = [-1]
-        for key, tid in tokens.items():
-            if not 0 <= tid < TOKEN_MASK:
-                raise ValueError(f"ByteTrie: token id {tid} outside 0..{TOKEN_MASK - 1}")
-            node = 0
-            for b in key:
-                nxt = children[node].get(b)
-                if nxt is None:
-                    nxt = len(children)
-                    children[node][b] = nxt
-                    children.append({})
-                    node_token.append(-1)
-                node = nxt
-            node_token[node] = tid
-        counts = np.array([len(c) for c in children], dtype=np.int64)
-        child_start = np.zeros(len(children) + 1, dtype=np.int64)
-        np.cumsum(counts, out=child_start[1:])
-        child_byte = np.array([b for c in children for b in sorted(c)], dtype=np.int64)
-        child_node = np.array([c[b] for c in children for b in sorted(c)], dtype=np.int64)
-        da = build_double_array(child_start, child_byte, child_node, np.array(node_token, dtype=np.int64))
+        keys = sorted(tokens)
+        for key in keys:
+            if not 0 <= tokens[key] < TOKEN_MASK or not 0 < len(key) < 1024:
+                raise ValueError(f"ByteTrie: token {key!r} (id {tokens[key]}) is empty, too long or out of range")
+        flat = np.frombuffer(b"".join(keys), dtype=np.uint8)
+        offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+        np.cumsum([len(k) for k in keys], out=offsets[1:])
+        parent, byte, node_token = prefix_nodes(flat, offsets, np.array([tokens[k] for k in keys], dtype=np.int64))
+        order = np.argsort(parent[1:], kind="stable") + 1  # children grouped by parent, bytes already ascending
+        child_start = np.zeros(len(parent) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(parent[1:], minlength=len(parent)), out=child_start[1:])
+        child_byte, child_node = byte[order], order.astype(np.int64)
+        da = build_double_array(child_start, child_byte, child_node, node_token)
         if len(da) >= 1 << 22:
             raise ValueError("ByteTrie: vocabulary too large for the packed double array")
         return cls(da)
