@@ -103,3 +103,46 @@ def test_bytes_tokenizer():
     assert b.encode("aé") == [97, 0xC3, 0xA9] and b.decode([97, 0xC3, 0xA9]) == "aé"
     with pytest.raises(ValueError, match="unknown spec"):
         get_tokenizer("nope")
+
+
+def _greedy_oracle(vocab, data):
+    """Brute-force greedy longest match: at each position the longest vocabulary entry that is a prefix."""
+    longest = max(map(len, vocab))
+    out, i = [], 0
+    while i < len(data):
+        for n in range(min(longest, len(data) - i), 0, -1):
+            if data[i: i + n] in vocab:
+                out.append(vocab[data[i: i + n]])
+                i += n
+                break
+        else:
+            raise AssertionError("no match")
+    return out
+
+
+def test_trie_against_brute_force_and_the_uncompiled_path():
+    import numpy as np
+
+    from infctx.data import trie
+
+    rng = random.Random(5)
+    vocab = {bytes([b]): b for b in range(256)}
+    while len(vocab) < 600:
+        vocab.setdefault(bytes(rng.choice(b"abcd ") for _ in range(rng.randint(2, 7))), len(vocab))
+    t = trie.ByteTrie.build(vocab)
+    segments = [bytes(rng.choice(b"abcd e") for _ in range(rng.randint(0, 80))) for _ in range(40)]
+    ids, counts = t.encode_batch(segments)
+    expect = [_greedy_oracle(vocab, s) for s in segments]
+    assert ids.tolist() == [x for e in expect for x in e] and counts.tolist() == [len(e) for e in expect]
+    # the plain-Python fallback (no numba) runs the same functions uncompiled
+    keys = sorted(vocab)
+    flat = np.frombuffer(b"".join(keys), dtype=np.uint8)
+    offsets = np.concatenate([[0], np.cumsum([len(k) for k in keys])]).astype(np.int64)
+    tids = np.array([vocab[k] for k in keys], dtype=np.int64)
+    for a, b in zip(trie._prefix_nodes(flat, offsets, tids), trie.prefix_nodes(flat, offsets, tids)):
+        assert np.array_equal(a, b)
+    buf = np.frombuffer(b"".join(segments[:5]), dtype=np.uint8)
+    ends = np.cumsum([len(s) for s in segments[:5]]).astype(np.int64)
+    out, out_ends = np.empty(len(buf), np.int32), np.empty(5, np.int64)
+    n = trie._encode_segments(buf, ends, t.da, out, out_ends)
+    assert out[:n].tolist() == [x for e in expect[:5] for x in e]
