@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--text-split", default="document", choices=["document", "paragraph", "line"],
                    help="plain text: one document per file, per blank-line paragraph, or per line")
     b.add_argument("--ctx-len", type=int, action="append", help="ctx_len to compute a magic prime for (repeatable)")
-    b.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = all cores)")
+    b.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
     b.add_argument("--chunk-mb", type=float, default=4.0, help="input per work unit in MB")
     b.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     b.add_argument("--force", action="store_true", help="rebuild even if a matching finished output exists")
@@ -49,7 +49,9 @@ def _build(args) -> None:
     from infctx.data.builder import BuildConfig, build, build_from_config
     from infctx.data.sources import InputSpec
 
-    overrides = {"workers": args.workers, "strict": args.strict, "force": args.force, "progress": not args.quiet}
+    # only what was given on the command line overrides a config file
+    overrides = {k: v for k, v in (("workers", args.workers), ("strict", args.strict or None),
+                                   ("force", args.force or None), ("progress", False if args.quiet else None)) if v is not None}
     if args.config:
         if args.inputs or args.output:
             raise ValueError("give either --config or inputs with --output, not both")
