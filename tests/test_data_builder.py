@@ -205,3 +205,14 @@ def test_yaml_config_with_several_builds(tmp_path):
     assert docs_of(f"{tmp_path}/va") == [byte_doc(t) for t in TEXTS]
     assert main(["inspect", f"{tmp_path}/va", "--docs", "1"]) == 0
     assert main(["build", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "x"), "--quiet"]) == 1
+
+
+def test_plain_text_bad_utf8_is_reported_at_its_line(tmp_path, capsys):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"good line\nbad \xff line\n\nlast line\n")
+    r = run(tmp_path, [InputSpec(str(path), text_split="line")], progress=True)
+    assert docs_of(r.output) == [byte_doc("good line"), byte_doc("last line")]
+    assert f"{path}:2: invalid UTF-8" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(BuildError, match="empty.txt:1: empty document"):
+        run(tmp_path, [InputSpec(str(tmp_path / "empty.txt"))], "e", strict=True)

@@ -140,25 +140,28 @@ def _utf8(text: str) -> bytes:
 
 
 def _text_docs(unit: Unit, errors: list):
+    """Documents of a plain-text unit: the whole file, or its paragraphs / lines (each checked for UTF-8 alone)."""
     data: bytes = unit.payload
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = unit.first_line + data.count(b"\n", 0, err.start)
-        errors.append((line, BAD_UTF8, f"byte 0x{data[err.start]:02x}; the text file must be UTF-8"))
-        return
     if unit.text_split == "document":
-        if not data.strip():
-            errors.append((unit.first_line, EMPTY, "the file has no text"))
-            return
-        yield unit.first_line, [(data, True)]
-        return
-    sep = b"\n\n" if unit.text_split == "paragraph" else b"\n"
-    line = unit.first_line
-    for piece in data.split(sep):
+        pieces = [(unit.first_line, data)]
+    else:
+        sep = b"\n\n" if unit.text_split == "paragraph" else b"\n"
+        pieces, line = [], unit.first_line
+        for piece in data.split(sep):
+            lead = len(piece) - len(piece.lstrip(b"\n"))
+            pieces.append((line + lead, piece.strip(b"\n")))
+            line += piece.count(b"\n") + sep.count(b"\n")
+    for line, piece in pieces:
+        try:
+            piece.decode("utf-8")
+        except UnicodeDecodeError as err:
+            errors.append((line + piece.count(b"\n", 0, err.start), BAD_UTF8,
+                           f"byte 0x{piece[err.start]:02x}; text files must be UTF-8"))
+            continue
         if piece.strip():
-            yield line + (len(piece) - len(piece.lstrip(b"\n"))), [(piece.strip(b"\n"), True)]
-        line += piece.count(b"\n") + sep.count(b"\n")
+            yield line, [(piece, True)]
+        elif unit.text_split == "document":
+            errors.append((line, EMPTY, "the file has no text"))
 
 
 def process_unit(ctx: _Ctx, unit: Unit) -> _Chunk:
