@@ -1,0 +1,513 @@
+"""`make bench-train`: full training steps (segmented BPTT forward + backward + AdamW) of RWKV-7 on one GPU.
+
+Per row (model, sequence length T, BPTT mode, batch B) it reports tokens/s, MFU, the allocator's peak memory and,
+for short rows, where one profiled step spends its GPU time (WKV kernels / matmuls / elementwise+other / copies).
+Writes bench/results/train.json, train.md and two PNG plots; the Markdown holds the issue-7 targets with pass/fail.
+
+Precision is the trainer's bf16-mixed: fp32 weights and AdamW (fused), bf16 autocast. MFU counts model FLOPs only,
+6 x (non-embedding parameters) x tokens/s over the GPU's dense bf16 peak: the extra forward of full BPTT and the
+checkpointed head recompute are real work MFU does not credit.
+
+Batch: "fill" measures the activation memory of one segment per batch row (two one-segment steps at B=1 and B=2)
+and takes the largest B whose segment plus carried boundary states fit 90% of the GPU; BPTT memory does not grow
+with T, so the same B fills memory at every length. `--max-step-tokens` caps B x T so long rows fit a time budget;
+the targets that compare lengths then use extra reference rows at the same B, so every ratio is like for like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from infctx.bptt import BPTTConfig, BPTTEngine
+from infctx.model import RWKV, ModelConfig
+
+GIB = 2**30
+
+# Dense bf16 tensor-core peak per GPU (NVIDIA datasheets, without sparsity), matched against the device name in order.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("H800", 989.0), ("A100", 312.0))
+
+KERNEL_CLASSES = (  # first match wins; anything unmatched is "elementwise" (pointwise, norms, reductions, CE)
+    ("wkv", re.compile(r"wkv|rwkv|\(anonymous namespace\)::(fwd|bwd)_kernel", re.I)),
+    ("matmul", re.compile(r"gemm|gemv|cutlass|cublas|nvjet|xmma|wgmma|splitk|sm\d+_xmma", re.I)),
+    ("copy", re.compile(r"memcpy|memset", re.I)),
+)
+SHARE_KEYS = ("wkv", "matmul", "elementwise", "copy")
+TARGET_LENS = (4096, 16384, 2**20)  # the lengths issue 7's targets compare
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    n_layer: int
+    n_embd: int
+    vocab_size: int = 65536
+
+    def config(self, backend: str) -> ModelConfig:
+        return ModelConfig(version=7, n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
+                           wkv_backend=backend)
+
+
+MODELS = {"0.1b": ModelSpec("0.1b", 12, 768), "1.5b": ModelSpec("1.5b", 24, 2048)}
+
+
+@dataclass
+class BenchConfig:
+    models: tuple[ModelSpec, ...] = (MODELS["0.1b"], MODELS["1.5b"])
+    seq_lens: tuple[int, ...] = (4096, 16384, 65536, 262144, 1048576)
+    modes: tuple[str, ...] = ("truncated", "full")
+    segment_len: int = 4096
+    batch: int | None = None  # None = fill memory (measured); an int fixes B for every row
+    max_step_tokens: int | None = None  # cap on B x T per step (time budget); None = no cap
+    budget_s: float = 1e9  # wall-clock budget of the whole run; rows that would not fit are skipped, not cut
+    min_time_s: float = 2.0  # time at least this long (or max_steps steps) per row
+    max_steps: int = 5
+    profile_max_len: int = 16384  # profile one step of rows with T up to this ...
+    profile_max_tokens: int = 2**17  # ... and B x T up to this (a profiled step is slow to record and parse)
+    backend: str = "cuda"
+    device: str = "cuda"
+    amp: bool = True  # bf16 autocast (the trainer's bf16-mixed)
+    peak_tflops: float | None = None  # None = from the GPU name
+    mem_fraction: float = 0.9
+    seed: int = 0
+
+
+# ---- arithmetic ------------------------------------------------------------------------------------------------
+
+def parse_len(text: str) -> int:
+    """'4k' -> 4096, '1M' -> 1048576, '300' -> 300."""
+    m = re.fullmatch(r"(\d+)([kKmM]?)", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"sequence length {text!r}: use an integer with an optional k or M suffix")
+    return int(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20}[m.group(2).lower()]
+
+
+def fmt_len(n: int) -> str:
+    for unit, size in (("M", 2**20), ("k", 2**10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def peak_tflops_for(gpu_name: str) -> float | None:
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key.lower() in gpu_name.lower():
+            return tflops
+    return None
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, matmul parameters = all but the embedding table, which is a lookup)."""
+    total = sum(p.numel() for p in model.parameters())
+    return total, total - model.emb.weight.numel()
+
+
+def throughput(tokens: int, seconds: float, params: int, peak_tflops: float | None) -> tuple[float, float | None]:
+    """(tokens/s, MFU = 6 * params * tokens/s / peak); MFU is None when the peak is unknown."""
+    tok_s = tokens / seconds
+    return tok_s, (6.0 * params * tok_s / (peak_tflops * 1e12) if peak_tflops else None)
+
+
+def classify_kernel(name: str) -> str:
+    for cls, pattern in KERNEL_CLASSES:
+        if pattern.search(name):
+            return cls
+    return "elementwise"
+
+
+def time_shares(kernels: list[tuple[str, float]]) -> dict[str, float]:
+    """Fraction of summed kernel time per class, from (kernel name, microseconds) pairs."""
+    sums = dict.fromkeys(SHARE_KEYS, 0.0)
+    for name, us in kernels:
+        sums[classify_kernel(name)] += us
+    total = sum(sums.values())
+    return {k: (v / total if total else 0.0) for k, v in sums.items()}
+
+
+def state_bytes_per_row(cfg: ModelConfig) -> int:
+    """One boundary State for one batch row: fp32 shift vectors (weights are fp32) + fp32 WKV matrices."""
+    return cfg.n_layer * (2 * cfg.n_embd * 4 + cfg.n_head * cfg.head_size**2 * 4)
+
+
+def fill_batch(base: float, per_row: float, state_row: float, n_segments: int, capacity: float) -> int:
+    """Largest B with base + B * (one segment's activations + the boundary states of n_segments) <= capacity."""
+    return max(1, int((capacity - base) // (per_row + n_segments * state_row)))
+
+
+# ---- rows ------------------------------------------------------------------------------------------------------
+
+def plan_rows(cfg: BenchConfig, fill: int) -> list[dict]:
+    """Rows for one model plus the same-batch 4k/16k references the length-ratio targets need. Order: rows the
+    targets read (4k, 16k, 1M, references) before the others, cheapest first within each, so a tight budget
+    drops the 64k/256k rows first."""
+    rows, seen = [], set()
+
+    def add(T: int, mode: str, B: int, ref: bool) -> None:
+        if (T, mode, B) not in seen:
+            seen.add((T, mode, B))
+            rows.append(dict(T=T, mode=mode, B=B, ref=ref))
+
+    for T in sorted(cfg.seq_lens):
+        B = fill if cfg.max_step_tokens is None else max(1, min(fill, cfg.max_step_tokens // T))
+        for mode in cfg.modes:
+            add(T, mode, B, False)
+    longest = [r for r in rows if r["T"] == max(cfg.seq_lens)]
+    for r in list(longest):
+        for T in (4096, 16384):
+            if T < r["T"]:
+                add(T, r["mode"], r["B"], True)
+    return sorted(rows, key=lambda r: (r["T"] not in TARGET_LENS, r["B"] * r["T"], r["T"], r["mode"]))
+
+
+class Bench:
+    """One model with its optimizer and engine; measures rows on it."""
+
+    def __init__(self, spec: ModelSpec, cfg: BenchConfig):
+        self.spec, self.cfg = spec, cfg
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        with self.device:
+            self.model = RWKV(spec.config(cfg.backend))
+        self.params_total, self.params = count_params(self.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5, weight_decay=0.0,
+                                     fused=self.device.type == "cuda")
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+
+    def step(self, B: int, T: int, mode: str) -> None:
+        tokens = torch.randint(0, self.spec.vocab_size, (B, T + 1), device=self.device, generator=self.gen)
+        engine = BPTTEngine(self.model, BPTTConfig(segment_len=self.cfg.segment_len, mode=mode))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
+            engine.forward_backward(tokens[:, :-1], tokens[:, 1:])
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def timed_step(self, B: int, T: int, mode: str) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        self.step(B, T, mode)
+        self.sync()
+        return time.perf_counter() - t0
+
+    def peak_step(self, B: int, T: int, mode: str) -> float:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.step(B, T, mode)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def fill(self) -> dict:
+        """Measure one segment's memory per batch row and the B that fills the GPU at the longest length."""
+        L = self.cfg.segment_len
+        self.step(1, L, "truncated")  # warm-up: optimizer state, cuBLAS handles, kernel build
+        p1, p2 = self.peak_step(1, L, "truncated"), self.peak_step(2, L, "truncated")
+        per_row, base = p2 - p1, 2 * p1 - p2
+        capacity = self.cfg.mem_fraction * torch.cuda.get_device_properties(self.device).total_memory
+        n_seg = -(-max(self.cfg.seq_lens) // L) if "full" in self.cfg.modes else 0
+        state_row = state_bytes_per_row(self.model.cfg)
+        B = fill_batch(base, per_row, state_row, n_seg, capacity)
+        return dict(base_gib=base / GIB, per_row_gib=per_row / GIB, state_row_mib=state_row / 2**20, fill_batch=B)
+
+    def measure(self, row: dict, peak_tflops: float | None, remaining_s: float) -> dict:
+        B, T, mode = row["B"], row["T"], row["mode"]
+        T_warm = min(T, 2 * self.cfg.segment_len)
+        warm = self.timed_step(B, T_warm, mode)
+        est_step = warm * T / T_warm
+        profile = self.cfg.device == "cuda" and T <= self.cfg.profile_max_len and B * T <= self.cfg.profile_max_tokens
+        if est_step * (1 + profile) > remaining_s:
+            return dict(skipped=f"budget: one step estimated {est_step:.0f}s, {remaining_s:.0f}s left")
+        steps = max(1, min(self.cfg.max_steps, math.ceil(self.cfg.min_time_s / max(est_step, 1e-9))))
+        if est_step * (steps + profile) > remaining_s:
+            steps = 1
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        seconds = sum(self.timed_step(B, T, mode) for _ in range(steps))
+        out = dict(steps=steps, seconds=seconds, tokens=B * T * steps, segments=-(-T // self.cfg.segment_len))
+        out["tokens_per_s"], out["mfu"] = throughput(out["tokens"], seconds, self.params, peak_tflops)
+        out["step_s"] = seconds / steps
+        if self.device.type == "cuda":
+            out["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / GIB
+        if profile:
+            out["profile"] = self.profile(B, T, mode)
+        return out
+
+    def profile(self, B: int, T: int, mode: str) -> dict:
+        """Kernel time shares of one step, and kernel time over the profiled step's wall time (GPU busy)."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        self.sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            wall = self.timed_step(B, T, mode)
+        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        if not kernels:
+            return dict(error="the profiler recorded no CUDA kernels")
+        busy = sum(us for _, us in kernels) / 1e6
+        top: dict[str, float] = {}
+        for name, us in kernels:
+            top[name] = top.get(name, 0.0) + us
+        top5 = sorted(top.items(), key=lambda kv: -kv[1])[:5]
+        return dict(shares=time_shares(kernels), gpu_busy=busy / wall, n_kernels=len(kernels),
+                    top=[dict(name=n[:120], cls=classify_kernel(n), ms=us / 1e3) for n, us in top5])
+
+
+def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -> dict:
+    """Measure every model's rows within cfg.budget_s (split evenly over the models still to run); `on_update`
+    gets the result after each row, so a run cut short still leaves its numbers on disk."""
+    start = time.perf_counter()
+    cuda = cfg.device == "cuda"
+    gpu = torch.cuda.get_device_name(cfg.device) if cuda else "cpu"
+    peak = cfg.peak_tflops or (peak_tflops_for(gpu) if cuda else None)
+    res = res or dict(rows=[], models={})
+    res.update(gpu=gpu, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
+               cuda=torch.version.cuda, git=_git_describe(), peak_bf16_tflops=peak,
+               settings=dict(segment_len=cfg.segment_len, backend=cfg.backend, amp_bf16=cfg.amp,
+                             optimizer="AdamW (fp32 state" + (", fused)" if cuda else ")"),
+                             max_step_tokens=cfg.max_step_tokens,
+                             batch=cfg.batch or "fill", budget_s=cfg.budget_s))
+    if cfg.batch is None and not cuda:
+        raise ValueError("BenchConfig.batch: measuring the memory-filling batch needs a CUDA device; give a batch")
+    for i, spec in enumerate(cfg.models):
+        now = time.perf_counter()
+        model_deadline = now + (cfg.budget_s - (now - start)) / (len(cfg.models) - i)
+        bench = Bench(spec, cfg)
+        info = dict(n_layer=spec.n_layer, n_embd=spec.n_embd, vocab=spec.vocab_size,
+                    params_total=bench.params_total, params_matmul=bench.params,
+                    seq_lens=list(cfg.seq_lens), max_step_tokens=cfg.max_step_tokens,
+                    budget_s=round(model_deadline - now, 1))
+        if cfg.batch is None:
+            info.update(bench.fill())
+        B_fill = cfg.batch or info["fill_batch"]
+        res["models"][spec.name] = info
+        on_update(res)
+        for row in plan_rows(cfg, B_fill):
+            row = dict(model=spec.name, **row)
+            print(f"train {spec.name} T={fmt_len(row['T'])} B={row['B']} {row['mode']} ...", flush=True)
+            try:
+                row.update(bench.measure(row, peak, model_deadline - time.perf_counter()))
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+                bench.opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+            res["rows"] = [r for r in res["rows"] if _key(r) != _key(row)] + [row]
+            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+            on_update(res)
+        del bench
+        if cuda:
+            torch.cuda.empty_cache()
+    return res
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["T"], row["mode"], row["B"]
+
+
+def _git_describe() -> str | None:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---- targets and report -----------------------------------------------------------------------------------------
+
+def _find(rows: list[dict], **want) -> dict | None:
+    """The measured row matching `want` with the most tokens/s (4k rows of both modes are the same step)."""
+    hits = [r for r in rows if "tokens_per_s" in r and all(r.get(k) == v for k, v in want.items())]
+    return max(hits, key=lambda r: r["tokens_per_s"], default=None)
+
+
+def targets(res: dict) -> list[dict]:
+    """Issue 7's targets as rows (target, measured, threshold, verdict pass/fail/not measured)."""
+    rows, out = res["rows"], []
+
+    def verdict(value, ok) -> str:
+        return "not measured" if value is None else ("pass" if ok else "fail")
+
+    r = _find(rows, model="0.1b", T=4096)
+    v = r["tokens_per_s"] if r else None
+    out.append(dict(target="0.1B tokens/s at 4k", measured=v and f"{v:,.0f} (B={r['B']})", threshold=">= 200,000",
+                    verdict=verdict(v, v is not None and v >= 200e3)))
+    r = _find(rows, model="1.5b", T=4096)
+    v = r["mfu"] if r and r.get("mfu") is not None else None
+    out.append(dict(target="1.5B MFU at 4k", measured=v and f"{v:.1%} (B={r['B']})", threshold=">= 45%",
+                    verdict=verdict(v, v is not None and v >= 0.45)))
+    for model in ("0.1b", "1.5b"):
+        for mode, need in (("truncated", 0.95), ("full", 0.7)):
+            long = _find(rows, model=model, T=2**20, mode=mode)
+            base = long and _find(rows, model=model, T=4096, B=long["B"])
+            v = long["tokens_per_s"] / base["tokens_per_s"] if long and base else None
+            out.append(dict(target=f"{model} {mode} BPTT tokens/s at 1M / at 4k (same B)",
+                            measured=v and f"{v:.3f} (B={long['B']})", threshold=f">= {need}",
+                            verdict=verdict(v, v is not None and v >= need)))
+            mid = long and _find(rows, model=model, T=16384, mode=mode, B=long["B"])
+            v = long["peak_gib"] / mid["peak_gib"] if long and mid and "peak_gib" in long else None
+            out.append(dict(target=f"{model} {mode} peak memory at 1M / at 16k (same B)",
+                            measured=v and f"{v:.3f} ({long['peak_gib']:.1f} / {mid['peak_gib']:.1f} GiB)",
+                            threshold="<= 1.1", verdict=verdict(v, v is not None and v <= 1.1)))
+    big = [r for r in rows if r["model"] == "1.5b" and r["mode"] == "full" and r["T"] >= 4 * 2**20]
+    ok = [r for r in big if "tokens_per_s" in r]
+    v = ok[0] if ok else (big[0] if big else None)
+    out.append(dict(target="1.5B trains one 4M-token sequence, full BPTT",
+                    measured=v and (f"{v['step_s']:.0f} s/step, {v['peak_gib']:.1f} GiB" if v in ok
+                                    else v.get("error") or v.get("skipped")),
+                    threshold="completes", verdict=verdict(v, bool(ok))))
+    return out
+
+
+def _pct(profile: dict | None, key: str) -> str:
+    return f"{profile['shares'][key]:.0%}" if profile and "shares" in profile else ""
+
+
+def markdown(res: dict) -> str:
+    s = res["settings"]
+    peak = res.get("peak_bf16_tflops")
+    lines = [f"# Training-step benchmark ({res['gpu']}, {res['date']})", "",
+             f"torch {res['torch']} (CUDA {res['cuda']}), code {res.get('git') or 'unknown revision'}. RWKV-7, "
+             f"segment_len {s['segment_len']}, WKV backend `{s['backend']}`, "
+             f"{'bf16 autocast over fp32 weights' if s['amp_bf16'] else 'fp32'}, {s['optimizer']}. A step = "
+             "BPTTEngine.forward_backward over the whole sequence + optimizer step, on random tokens. "
+             f"MFU = 6 x matmul params x tokens/s / {peak or '?'} TFLOP/s (dense bf16 peak of this GPU); "
+             "full BPTT's extra forward is not credited. Peak = torch allocator peak (params, grads and AdamW "
+             "state included). Batch: `fill` = measured to fill 90% of memory"
+             + (f", capped so B x T <= {s['max_step_tokens']:,} tokens per step (time budget)"
+                if s["max_step_tokens"] else "") + "; `ref` rows are same-batch references for the ratio targets.",
+             "", "| model | params (matmul) | base GiB | act. GiB per batch row | fill B |", "|---|---|---|---|---|"]
+    gib = lambda m, k: f"{m[k]:.2f}" if k in m else "—"  # noqa: E731
+    for name, m in res["models"].items():
+        lines.append(f"| {name} (L{m['n_layer']} D{m['n_embd']} V{m['vocab']}) | {m['params_total'] / 1e6:.1f}M "
+                     f"({m['params_matmul'] / 1e6:.1f}M) | {gib(m, 'base_gib')} | {gib(m, 'per_row_gib')} | "
+                     f"{m.get('fill_batch', s['batch'])} |")
+    lines += ["", "| model | T | mode | B | segments | s/step | tokens/s | MFU | peak GiB | WKV | matmul | "
+              "elementwise | copy | GPU busy |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: (r["model"], r["T"], r["B"], r["mode"])):
+        head = f"| {r['model']} | {fmt_len(r['T'])} | {r['mode']} | {r['B']}{' ref' if r.get('ref') else ''} |"
+        if "tokens_per_s" not in r:
+            lines.append(f"{head} {r.get('error') or r.get('skipped')} ||||||||||")
+            continue
+        p = r.get("profile")
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
+        mem = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
+        busy = f"{p['gpu_busy']:.0%}" if p and "gpu_busy" in p else ""
+        lines.append(f"{head} {r['segments']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | "
+                     f"{_pct(p, 'wkv')} | {_pct(p, 'matmul')} | {_pct(p, 'elementwise')} | {_pct(p, 'copy')} | "
+                     f"{busy} |")
+    lines += ["", "Kernel shares: one profiled step (torch.profiler, CUDA kernel time by name: WKV = our wkv "
+              "kernels, matmul = cuBLAS/CUTLASS/nvjet, copy = memcpy/memset, elementwise = everything else incl. "
+              "norms, reductions and cross-entropy); GPU busy = summed kernel time / the profiled step's wall time.",
+              "", "## Targets (issue 7, stated for H100)", "", "| target | measured | threshold | result |",
+              "|---|---|---|---|"]
+    for t in targets(res):
+        lines.append(f"| {t['target']} | {t['measured'] or '—'} | {t['threshold']} | {t['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(res: dict, out_dir: Path) -> list[Path]:
+    """tokens/s and peak memory vs sequence length, one line per (model, mode), main rows only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for key, label, fname in (("tokens_per_s", "tokens / s", "train_tokens_per_s.png"),
+                              ("peak_gib", "peak GPU memory (GiB)", "train_peak_memory.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        groups: dict[str, list[dict]] = {}
+        for r in res["rows"]:
+            if key in r and not r.get("ref"):
+                groups.setdefault(f"{r['model']} {r['mode']}", []).append(r)
+        for name, rs in sorted(groups.items()):
+            rs.sort(key=lambda r: r["T"])
+            ax.plot([r["T"] for r in rs], [r[key] for r in rs], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs length — {res['gpu']}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        if groups:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / fname
+        tmp = path.with_name(path.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(res: dict, out_dir: Path, with_plots: bool = False) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "train.json", json.dumps(res, indent=1) + "\n")
+    write_atomic(out_dir / "train.md", markdown(res))
+    if with_plots:
+        try:
+            plots(res, out_dir)
+        except ImportError as err:
+            print(f"bench-train: plots skipped ({err}); rerun with --replot where matplotlib is installed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m infctx.bench.train", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="output folder")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    p.add_argument("--seq-lens", nargs="+", type=parse_len, default=list(BenchConfig.seq_lens), metavar="LEN",
+                   help="e.g. 4k 16k 1M")
+    p.add_argument("--modes", nargs="+", choices=("truncated", "full"), default=list(BenchConfig.modes))
+    p.add_argument("--batch", type=int, help="fixed batch for every row (default: fill memory)")
+    p.add_argument("--max-step-tokens", type=parse_len, help="cap B x T per step, e.g. 1M")
+    p.add_argument("--budget-s", type=float, default=BenchConfig.budget_s, help="wall-clock budget for the run")
+    p.add_argument("--segment-len", type=int, default=BenchConfig.segment_len)
+    p.add_argument("--backend", default=BenchConfig.backend, help="WKV backend (default cuda)")
+    p.add_argument("--profile-max-tokens", type=parse_len, default=BenchConfig.profile_max_tokens,
+                   help="profile rows with B x T up to this")
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak, if the GPU name is not in the table")
+    p.add_argument("--merge", action="store_true", help="keep the rows of an existing train.json in --out")
+    p.add_argument("--replot", action="store_true", help="only rewrite train.md and the plots from train.json")
+    args = p.parse_args(argv)
+    if args.replot or args.merge:
+        src = args.out / "train.json"
+        if not src.exists():
+            print(f"bench-train: {src} does not exist; run the benchmark first (without --replot/--merge)")
+            return 1
+        prior = json.loads(src.read_text())
+        if args.replot:
+            save(prior, args.out, with_plots=True)
+            print(markdown(prior))
+            return 0
+    if not torch.cuda.is_available():
+        print("bench-train: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU machine")
+        return 1
+    cfg = BenchConfig(models=tuple(MODELS[m] for m in args.models), seq_lens=tuple(args.seq_lens),
+                      modes=tuple(args.modes), segment_len=args.segment_len, batch=args.batch,
+                      max_step_tokens=args.max_step_tokens, budget_s=args.budget_s, backend=args.backend,
+                      profile_max_tokens=args.profile_max_tokens,
+                      peak_tflops=args.peak_tflops)
+    res = run(cfg, lambda r: save(r, args.out), res=prior if args.merge else None)
+    save(res, args.out, with_plots=True)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
