@@ -27,6 +27,7 @@ TRAINER_DEFAULTS = {
     "max_epochs": -1,
     "num_sanity_val_steps": 0,
     "enable_model_summary": False,  # InfctxModule prints its own summary
+    "use_distributed_sampler": False,  # InfctxDataModule splits samples across ranks itself (resumable)
     "default_root_dir": "runs/default",
 }
 

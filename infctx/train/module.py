@@ -1,8 +1,8 @@
 """The LightningModule: one optimizer step = `accumulate` micro-batches, each run through the segmented BPTT engine.
 
 Manual optimization, because the engine calls backward once per segment: we hand it `manual_backward` so Lightning
-and DeepSpeed see every backward. Under DDP the per-segment backwards run inside `no_sync()` and the gradients are
-all-reduced once per step; under DeepSpeed each backward is counted as a micro-step so ZeRO accumulates (instead of
+and DeepSpeed see every backward. Under DDP the reducer is switched off and the gradients are all-reduced once per
+step; under DeepSpeed each backward is counted as a micro-step so ZeRO accumulates (instead of
 overwriting) the partitioned gradients. Ranks agree on the segment count of every micro-batch so collectives
 (ZeRO-3 parameter gathers) stay in lockstep, and each rank scales its loss by its share of the global token count,
 which makes the gradient equal to a single-process run over the same global batch.
@@ -15,7 +15,6 @@ import random
 import resource
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -188,7 +187,7 @@ class InfctxModule(pl.LightningModule):
         self._micro = 0
         self._loss_sum = 0.0  # sum over micro-batches of (local mean loss x local counted tokens)
         self._tok_counted = 0.0
-        self._tok_input = 0
+        self._tok_input = 0  # tokens actually run this step (after trimming, before cross-rank padding)
         self._segments = 0
         self._step_batches: list[dict] = []
 
@@ -198,6 +197,7 @@ class InfctxModule(pl.LightningModule):
             raise ConfigError("model.optim.decay_tokens is null and trainer.max_steps is unset: cannot decay the lr")
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        self._disable_ddp_reducer()
         inputs, targets, mask = batch["input_ids"], batch["targets"], batch.get("mask")
         counted = float(mask.sum()) if mask is not None else float(inputs.numel())
         counted_global = counted
@@ -215,10 +215,9 @@ class InfctxModule(pl.LightningModule):
         # Gradient = d(global token-weighted mean)/d(params) after the ranks' gradients are averaged.
         share = self.trainer.world_size * counted / counted_global if counted_global > 0 else 0.0
         self._step_batches.append({k: v.detach().cpu() for k, v in batch.items() if torch.is_tensor(v)})
-        with self._no_sync():
-            result = self.engine.forward_backward(
-                inputs, targets, mask, loss_scale=share / self.accumulate, min_segments=n_segments
-            )
+        result = self.engine.forward_backward(
+            inputs, targets, mask, loss_scale=share / self.accumulate, min_segments=n_segments
+        )
         self._loss_sum += float(result.loss) * counted
         self._tok_counted += counted
         self._tok_input += batch["input_ids"].numel()
@@ -227,11 +226,13 @@ class InfctxModule(pl.LightningModule):
         if self._micro == self.accumulate:
             self._optimizer_step()
 
-    def _no_sync(self):
+    def _disable_ddp_reducer(self) -> None:
+        """We all-reduce gradients ourselves once per optimizer step. Lightning re-enables DDP's gradient sync after
+        every training_step and its manual_backward then prepares the reducer once per backward, which breaks with
+        one backward per segment: switch the sync off inside each step."""
         wrapped = self.trainer.strategy.model
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-            return wrapped.no_sync()
-        return nullcontext()
+            wrapped.require_backward_grad_sync = False
 
     def _deepspeed(self):
         return getattr(self.trainer.strategy, "deepspeed_engine", None)
@@ -255,7 +256,9 @@ class InfctxModule(pl.LightningModule):
         set_lr(self._base_optimizer, lr)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        self.tokens_seen += step_tokens
+        # tokens_seen (drives the LR schedule) counts sequences x ctx_len, as RWKV-LM does: it does not depend on how
+        # batches were trimmed or split across ranks. tokens/s counts the tokens actually run (trimmed, unpadded).
+        self.tokens_seen += self.tokens_per_step()
         self.samples_seen += self._micro_batch_size() * self.trainer.world_size * self.accumulate
         if grad_norm is None and self._deepspeed() is not None:
             grad_norm = self._deepspeed().get_global_grad_norm()
