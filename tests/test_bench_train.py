@@ -48,7 +48,7 @@ def test_smoke_rows_schema_and_arithmetic(smoke):
                                                           (128, "full")}
     params = res["models"]["tiny"]["params_matmul"]
     for r in res["rows"]:
-        assert r["model"] == "tiny" and r["B"] == 2 and not r["ref"]
+        assert r["model"] == "tiny" and r["B"] == 2 and not r["fill"]  # a fixed batch is not a measured fill
         assert r["steps"] == 1 and r["segments"] == r["T"] // 32
         assert r["tokens"] == 2 * r["T"] * r["steps"]
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=1e-12)
@@ -95,12 +95,13 @@ def test_lengths_state_size_and_fill_batch():
 
 
 def test_plan_rows_adds_same_batch_references():
-    cfg = bt.BenchConfig(seq_lens=(4096, 16384, 65536, 2**20), modes=("truncated",), max_step_tokens=2**20)
-    rows = bt.plan_rows(cfg, fill=32)
-    got = [(r["T"], r["B"], r["ref"]) for r in rows]
-    # targets' rows first (cheapest first), the 64k row (B capped to 2^20 / 2^16 = 16) last
-    assert got == [(4096, 1, True), (16384, 1, True), (4096, 32, False), (16384, 32, False), (2**20, 1, False),
-                   (65536, 16, False)]
+    cfg = bt.BenchConfig(seq_lens=(4096, 16384, 65536, 2**20), modes=("truncated",), max_step_tokens=2**21)
+    got = [(r["T"], r["B"], r["fill"]) for r in bt.plan_rows(cfg, fill=32)]
+    # every length at B = 2^21 / 2^20 = 2; 4k at the filling batch added; targets' lengths first, cheapest first
+    assert got == [(4096, 2, False), (16384, 2, False), (4096, 32, True), (2**20, 2, False), (65536, 2, False)]
+    uncapped = bt.BenchConfig(seq_lens=(4096, 16384), modes=("full", "truncated"))
+    assert [(r["T"], r["mode"], r["B"], r["fill"]) for r in bt.plan_rows(uncapped, fill=8)] == [
+        (4096, "full", 8, True), (4096, "truncated", 8, True), (16384, "full", 8, True), (16384, "truncated", 8, True)]
 
 
 def test_kernel_classes_and_shares():
@@ -120,8 +121,8 @@ def test_kernel_classes_and_shares():
     assert math.fsum(shares.values()) == pytest.approx(1.0)
 
 
-def _row(model, T, mode, B, tok_s, peak=None, mfu=None, ref=False):
-    r = dict(model=model, T=T, mode=mode, B=B, ref=ref, tokens_per_s=tok_s, mfu=mfu, step_s=1.0, segments=1)
+def _row(model, T, mode, B, tok_s, peak=None, mfu=None, step_s=1.0):
+    r = dict(model=model, T=T, mode=mode, B=B, fill=False, tokens_per_s=tok_s, mfu=mfu, step_s=step_s, segments=1)
     if peak is not None:
         r["peak_gib"] = peak
     return r
@@ -132,14 +133,15 @@ def test_targets_verdicts_by_hand():
     rows = [
         _row("0.1b", 4096, "truncated", 16, 250_000.0, peak=40.0),
         _row("1.5b", 4096, "full", 4, 30_000.0, peak=60.0, mfu=0.40),
-        _row("0.1b", 4096, "truncated", 1, 100_000.0, ref=True),
-        _row("0.1b", 4096, "full", 1, 98_000.0, ref=True),
-        _row("0.1b", 16384, "truncated", 1, 99_000.0, peak=10.0, ref=True),
-        _row("0.1b", 16384, "full", 1, 80_000.0, peak=10.0, ref=True),
+        _row("0.1b", 4096, "truncated", 1, 100_000.0),
+        _row("0.1b", 4096, "full", 1, 98_000.0),
+        _row("0.1b", 16384, "truncated", 1, 99_000.0, peak=10.0),
+        _row("0.1b", 16384, "full", 1, 80_000.0, peak=10.0),
         _row("0.1b", M, "truncated", 1, 90_000.0, peak=10.5),
         _row("0.1b", M, "full", 1, 75_000.0, peak=12.0),
     ]
-    got = {t["target"]: (t["measured"], t["verdict"]) for t in bt.targets(dict(rows=rows))}
+    res = dict(rows=rows, settings=dict(segment_len=4096), models={"1.5b": dict(state_row_mib=12.0)})
+    got = {t["target"]: (t["measured"], t["verdict"]) for t in bt.targets(res)}
     assert got["0.1B tokens/s at 4k"] == ("250,000 (B=16)", "pass")
     assert got["1.5B MFU at 4k"] == ("40.0% (B=4)", "fail")
     assert got["0.1b truncated BPTT tokens/s at 1M / at 4k (same B)"] == ("0.900 (B=1)", "fail")  # 90k / 100k
@@ -148,3 +150,8 @@ def test_targets_verdicts_by_hand():
     assert got["0.1b full peak memory at 1M / at 16k (same B)"] == ("1.200 (12.0 / 10.0 GiB)", "fail")
     assert got["1.5b full BPTT tokens/s at 1M / at 4k (same B)"] == (None, "not measured")
     assert got["1.5B trains one 4M-token sequence, full BPTT"] == (None, "not measured")
+    # the 4M target from the 1.5B full 1M row: + (1024 - 256) boundary states of 12 MiB = 9.0 GiB, time x 4
+    res["rows"].append(_row("1.5b", M, "full", 1, 20_000.0, peak=40.0, step_s=52.4))
+    four_m = bt.four_m_target(res)
+    assert four_m["verdict"] == "not measured"
+    assert four_m["measured"] == "not run; predicted from the 1M row: 49.0 GiB peak, 210 s/step"
