@@ -9,7 +9,7 @@ Precision is the trainer's bf16-mixed: fp32 weights and AdamW (fused), bf16 auto
 checkpointed head recompute are real work MFU does not credit.
 
 Batch: "fill" measures the activation memory of one segment per batch row (two one-segment steps at B=1 and B=2)
-and takes the largest B whose segment plus carried boundary states fit 90% of the GPU; BPTT memory does not grow
+and takes the largest B whose segment plus carried boundary states fit 85% of the GPU; BPTT memory does not grow
 with T, so the same B fills memory at every length. `--max-step-tokens` caps B x T of the longest row so a run fits
 a time budget: all lengths then share the smaller B (ratios stay like for like) and 4k rows at the filling batch
 are added for the throughput targets.
@@ -80,7 +80,7 @@ class BenchConfig:
     device: str = "cuda"
     amp: bool = True  # bf16 autocast (the trainer's bf16-mixed)
     peak_tflops: float | None = None  # None = from the GPU name
-    mem_fraction: float = 0.9
+    mem_fraction: float = 0.85
     seed: int = 0
 
 
@@ -389,7 +389,7 @@ def markdown(res: dict) -> str:
              "BPTTEngine.forward_backward over the whole sequence + optimizer step, on random tokens. "
              f"MFU = 6 x matmul params x tokens/s / {peak or '?'} TFLOP/s (dense bf16 peak of this GPU); "
              "full BPTT's extra forward is not credited. Peak = torch allocator peak (params, grads and AdamW "
-             "state included). Batch: `fill` = measured to fill 90% of memory"
+             "state included). Batch: `fill` = measured to fill 85% of memory"
              + (f", capped so B x T <= {s['max_step_tokens']:,} tokens per step (time budget)"
                 if s["max_step_tokens"] else "") + "; `fill` marks rows at the memory-filling batch.",
              "", "| model | params (matmul) | base GiB | act. GiB per batch row | fill B |", "|---|---|---|---|---|"]
