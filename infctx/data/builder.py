@@ -104,7 +104,11 @@ def _documents(ctx: _Ctx, unit: Unit, errors: list):
     """(line, [(utf8 bytes, trained)]) for each good record of a unit; bad ones go to `errors`."""
     if unit.kind == "lines":
         line = unit.first_line - 1
-        for raw in unit.payload.split(b"\n"):
+        try:  # one decode per block is cheaper than one per line; a block with bad UTF-8 goes line by line
+            lines = unit.payload.decode("utf-8", "surrogatepass").split("\n")
+        except UnicodeDecodeError:
+            lines = unit.payload.split(b"\n")
+        for raw in lines:
             line += 1
             if not raw.strip():
                 continue
@@ -179,23 +183,25 @@ def process_unit(ctx: _Ctx, unit: Unit) -> _Chunk:
     ids, counts = ctx.tokenizer.encode_batch(seg_bytes) if seg_bytes else (np.zeros(0, np.int32), np.zeros(0, np.int64))
     seg_doc = np.repeat(np.arange(ndocs), seg_per_doc)
     sizes = np.bincount(seg_doc, weights=counts, minlength=ndocs).astype(np.int64) + 1
-    tok_doc = np.repeat(seg_doc, counts)
-    dest = np.arange(len(ids)) + tok_doc
-    eod_pos = np.cumsum(sizes) - 1
-    tokens = np.empty(int(sizes.sum()), dtype=ctx.dtype)
-    tokens[dest] = ids
-    tokens[eod_pos] = ctx.tokenizer.eod_id
+    ends = np.cumsum(sizes)
+    is_eod = np.zeros(int(ends[-1]) if ndocs else 0, dtype=bool)
+    is_eod[ends - 1] = True
+    body = ~is_eod
+    tokens = np.empty(len(is_eod), dtype=ctx.dtype)
+    tokens[body] = ids
+    tokens[is_eod] = ctx.tokenizer.eod_id
     bad = None
     if len(ids) and int(ids.max()) >= ctx.vocab_size:
         k = int(np.argmax(ids >= ctx.vocab_size))
-        bad = (doc_lines[int(tok_doc[k])], int(ids[k]))
+        doc = int(np.searchsorted(np.cumsum(sizes - 1), k, side="right"))
+        bad = (doc_lines[doc], int(ids[k]))
     mask = None
     if ctx.fmt.has_mask:
         flags = np.array(seg_trained, dtype=np.uint8)
         mask = np.empty(len(tokens), dtype=np.uint8)
-        mask[dest] = np.repeat(flags, counts)
+        mask[body] = np.repeat(flags, counts)
         last_seg = np.cumsum(seg_per_doc) - 1
-        mask[eod_pos] = flags[last_seg] if ndocs else 0  # the end token is learned where the document's last part is
+        mask[is_eod] = flags[last_seg] if ndocs else 0  # the end token is learned where the document's last part is
     return _Chunk(tokens, sizes, mask, np.array(doc_lines, dtype=np.int64), errors, ndocs, unit.size, bad)
 
 
