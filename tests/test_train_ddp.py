@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent('''
                          optim=OptimConfig(lr=1e-3, warmup_tokens=0, schedule="constant", eps=1e-8))
     data = Data(train="unused", ctx_len=64, batch_size=batch, num_workers=0)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                         max_steps=3, logger=CSVLogger(out, name="", version=""), enable_checkpointing=False,
+                         max_steps=2, logger=CSVLogger(out, name="", version=""), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
                          use_distributed_sampler=False, log_every_n_steps=1)
     trainer.fit(model, data)
@@ -75,8 +75,8 @@ def run(tmp_path: Path, devices: int, batch: int) -> Path:
 def test_two_ranks_with_uneven_segments_match_one_process(tmp_path):
     one, two = run(tmp_path, 1, 2), run(tmp_path, 2, 1)
     a, b = metrics(one), metrics(two)
-    assert sorted(a) == sorted(b) == [1, 2, 3]
-    for step in (1, 2, 3):
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in (1, 2):
         assert b[step]["train/segments"] == a[step]["train/segments"] == 4
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-6)
         assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], rel=1e-5)

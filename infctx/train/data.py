@@ -61,10 +61,12 @@ class InfctxDataModule(pl.LightningDataModule):
         num_workers: int = 1,
         val_samples: int = 64,
         trim_padding: bool = True,
+        bucket_size: int = 0,
     ) -> None:
         """
         Args:
-            train: binidx path prefix of the training data (`<prefix>.bin` / `<prefix>.idx`).
+            train: binidx path prefix of the training data (`<prefix>.bin` / `<prefix>.idx`), or a blend of
+                several with weights: "a@0.7,b@0.3".
             val: binidx path prefix of held-out data for validation (None: no validation).
             build: data-builder config (`infctx data build --config`) that writes `train`/`val` when missing.
             mode: "stream" = RWKV-LM magic-prime slots over the token stream; "document" = samples start at
@@ -75,6 +77,7 @@ class InfctxDataModule(pl.LightningDataModule):
             num_workers: DataLoader worker processes.
             val_samples: validation sequences per evaluation (split across ranks).
             trim_padding: drop trailing all-masked columns of a batch (only with masks).
+            bucket_size: document/sft modes: sort each block of this many samples by length so batches trim well.
         """
         super().__init__()
         if ctx_len < 2:
@@ -84,6 +87,7 @@ class InfctxDataModule(pl.LightningDataModule):
         self.train_prefix, self.val_prefix, self.build = train, val, build
         self.mode, self.ctx_len, self.batch_size, self.seed = mode, ctx_len, batch_size, seed
         self.num_workers, self.val_samples, self.trim_padding = num_workers, val_samples, trim_padding
+        self.bucket_size = bucket_size
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -118,7 +122,10 @@ class InfctxDataModule(pl.LightningDataModule):
     def _dataset(self, prefix: str, seed: int) -> Dataset:
         from infctx.data.samplers import make_dataset
 
-        return make_dataset(prefix, mode=self.mode, ctx_len=self.ctx_len, seed=seed)
+        try:
+            return make_dataset(prefix, mode=self.mode, ctx_len=self.ctx_len, seed=seed, bucket_size=self.bucket_size)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"data: {err}") from err
 
     # ------------------------------------------------------------ loaders
     def _loader(self, dataset: Dataset, sampler: Sampler, trim: bool) -> DataLoader:
@@ -149,5 +156,9 @@ class InfctxDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, RankSampler(0, rank, world, self.batch_size, limit=limit), trim=False)
 
 
-def _exists(prefix: str) -> bool:
-    return Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()
+def _exists(spec: str) -> bool:
+    """Every binidx of a prefix or of a blend spec 'a@0.7,b@0.3' is on disk."""
+    from infctx.data.samplers import parse_blend
+
+    prefixes, _ = parse_blend(spec)
+    return all(Path(p + ".bin").is_file() and Path(p + ".idx").is_file() for p in prefixes)
