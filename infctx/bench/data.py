@@ -125,10 +125,11 @@ def markdown(res: dict) -> str:
             "after startup: MB/s per core | tokens/s per core | peak RSS main | peak RSS worker |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["builds"]:
+        worker_rss = f"{r['rss_worker_mb']:.0f} MB" if r["workers"] > 1 else "(in main)"
         rows.append(f"| {r['input_mb']} MB | {r['workers']} | {r['seconds']:.1f} ({r['startup_seconds']:.1f}) | "
                     f"{r['mb_s']:.1f} | {r['mb_s_per_core']:.1f} | {r['tokens_s_per_core'] / 1e6:.2f} M | "
                     f"{r['steady_mb_s_per_core']:.1f} | {r['steady_tokens_s_per_core'] / 1e6:.2f} M | "
-                    f"{r['rss_main_mb']:.0f} MB | {r['rss_worker_mb']:.0f} MB |")
+                    f"{r['rss_main_mb']:.0f} MB | {worker_rss} |")
     p = res["phases"]
     return "\n".join([
         "# Data builder benchmark (`make bench-data`)", "",
