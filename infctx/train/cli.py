@@ -41,7 +41,9 @@ class InfctxCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = self._default_loggers(Path(trainer_cfg.get("default_root_dir") or "runs/default"))
+            # validate prints its table and leaves the run's training logs alone
+            kwargs["logger"] = (False if self.subcommand == "validate" else
+                                self._default_loggers(Path(trainer_cfg.get("default_root_dir") or "runs/default")))
         return super().instantiate_trainer(**kwargs)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:

@@ -342,7 +342,8 @@ class InfctxModule(pl.LightningModule):
             val_loss = float(self._val[0] / self._val[1])
             self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True, batch_size=1)
             self.log("val/ppl", math.exp(min(val_loss, 50.0)), rank_zero_only=True, batch_size=1)
-            self.log("step", float(self.trainer.global_step), rank_zero_only=True, batch_size=1)
+            if self.trainer.state.fn == "fit":
+                self.log("step", float(self.trainer.global_step), rank_zero_only=True, batch_size=1)
 
     # ---------------------------------------------------------------- resume
     def on_save_checkpoint(self, checkpoint: dict) -> None:
