@@ -201,3 +201,16 @@ def test_config_errors_are_one_clear_line(corpus, tmp_path, capsys, override, me
     if "unknown" not in message and "segment_length" not in message:
         lines = [line for line in err.splitlines() if line.startswith("infctx fit: error:")]
         assert len(lines) == 1 and "Traceback" not in err
+
+
+def test_init_from_pth_starts_where_the_export_left_off(corpus, tmp_path):
+    from infctx.checkpoint import read_training_checkpoint, save_pth
+
+    first = tmp_path / "first"
+    assert main(tiny_args(corpus, first, 6, "--model.optim.lr", "1e-2")) == 0
+    save_pth(read_training_checkpoint(first), tmp_path / "trained.pth", dtype=torch.float32)
+    second = tmp_path / "second"
+    assert main(tiny_args(corpus, second, 1, "--model.init_from", str(tmp_path / "trained.pth"))) == 0
+    a, b = metrics(first), metrics(second)
+    assert abs(b[1]["train/loss"] - a[6]["train/loss"]) < abs(a[1]["train/loss"] - a[6]["train/loss"]) / 3
+    assert main(tiny_args(corpus, tmp_path / "bad", 1, "--model.init_from", str(tmp_path / "missing.pth"))) == 2

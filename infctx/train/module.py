@@ -320,8 +320,7 @@ class InfctxModule(pl.LightningModule):
         }
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
-        metrics["step"] = float(self.trainer.global_step)  # x axis = optimizer steps done (Lightning counts batches)
-        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True, batch_size=1)
+        self._to_loggers(metrics)
         self.log("loss", loss, prog_bar=True, logger=False, rank_zero_only=True, batch_size=1)
         self.log("tok/s", tok_s, prog_bar=True, logger=False, rank_zero_only=True, batch_size=1)
 
@@ -340,10 +339,19 @@ class InfctxModule(pl.LightningModule):
             dist.all_reduce(self._val)
         if self._val[1] > 0:
             val_loss = float(self._val[0] / self._val[1])
-            self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True, batch_size=1)
-            self.log("val/ppl", math.exp(min(val_loss, 50.0)), rank_zero_only=True, batch_size=1)
+            val = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}
+            # self.log feeds the progress bar, EarlyStopping and `infctx validate`'s table; rows go to the loggers.
+            for key, value in val.items():
+                self.log(key, value, prog_bar=key == "val/loss", logger=False, rank_zero_only=True, batch_size=1)
             if self.trainer.state.fn == "fit":
-                self.log("step", float(self.trainer.global_step), rank_zero_only=True, batch_size=1)
+                self._to_loggers(val)
+
+    def _to_loggers(self, metrics: dict[str, float]) -> None:
+        """One row per optimizer step, x = optimizer steps done. (Lightning's own logging counts micro-batches
+        and repeats a step's row on the following micro-batch under gradient accumulation.)"""
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.trainer.global_step)
 
     # ---------------------------------------------------------------- resume
     def on_save_checkpoint(self, checkpoint: dict) -> None:
