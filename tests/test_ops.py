@@ -4,6 +4,7 @@ and the backend registry."""
 
 from __future__ import annotations
 
+import pkgutil
 import re
 
 import numpy as np
@@ -250,3 +251,18 @@ def test_fla_matches_oracle(version):
         pytest.skip(reason)
     err_y, err_s, err_g = _gpu_vs_oracle(get_wkv(version, "fla"), version, torch.float32)
     assert err_y < 1e-2 and err_s < 1e-2 and max(err_g) < 1e-2, (err_y, err_s, err_g)
+
+
+def test_registry_broken_optional_backend_is_named_not_fatal(monkeypatch):
+    def broken(name):
+        raise ImportError("no module named 'wkv_ext'")
+
+    reg = registry.Registry()
+    monkeypatch.setattr(registry, "REGISTRY", reg)
+    monkeypatch.setattr(registry.pkgutil, "iter_modules", lambda path: [pkgutil.ModuleInfo(None, "cuda_fake", False)])
+    monkeypatch.setattr(registry.importlib, "import_module", broken)
+    registry.register(7, "torch", wkv7_chunked)
+    assert get_wkv(7, "torch") is wkv7_chunked
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*infctx\.ops\.cuda_fake failed to import: no module"):
+        get_wkv(7, "cuda")
+    assert resolve_backend("auto", "cuda") == "torch"

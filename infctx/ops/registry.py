@@ -33,6 +33,7 @@ class Registry:
     def __init__(self) -> None:
         self._ops: dict[tuple[int, str], Backend] = {}
         self._plugins_loaded = False
+        self._plugin_errors: list[str] = []
 
     def register(self, version: int, name: str, fn: Callable,
                  available: Callable[[], str | None] = lambda: None) -> None:
@@ -51,7 +52,8 @@ class Registry:
             self._load_plugins()
         if (version, name) not in self._ops:
             known = ", ".join(self.names())
-            raise ValueError(f"wkv: unknown backend {name!r} for RWKV-{version}; known backends: {known}, auto")
+            failed = "".join(f"; {err}" for err in self._plugin_errors)
+            raise ValueError(f"wkv: unknown backend {name!r} for RWKV-{version}; known backends: {known}, auto{failed}")
         return self._ops[(version, name)]
 
     def _load_plugins(self) -> None:
@@ -63,7 +65,10 @@ class Registry:
 
         for mod in pkgutil.iter_modules(ops.__path__):
             if mod.name.startswith("cuda_"):
-                importlib.import_module(f"infctx.ops.{mod.name}")
+                try:
+                    importlib.import_module(f"infctx.ops.{mod.name}")
+                except ImportError as err:  # a broken optional backend must not take the torch ops down
+                    self._plugin_errors.append(f"infctx.ops.{mod.name} failed to import: {err}")
 
 
 REGISTRY = Registry()
