@@ -1,14 +1,16 @@
 // RWKV-5/6 WKV kernels with state in/out and exact gradients; included by wkv5.cu (decay constant over time,
 // w [H,N]) and wkv6.cu (decay per token, w [B,T,H,N]) with WKV_TIME_DECAY set accordingly.
 //   y_t = S_{t-1} r_t + v_t (sum_j u_j k_tj r_tj),  S_t = S_{t-1} diag(d_t) + v_t k_t^T,  d_t = exp(-exp(w_t))
-// Same structure as wkv7.cu: one block per (batch, head), thread i holds row i of S; state checkpoints every CK
-// tokens; the backward recomputes each chunk's columns into a scratch and keeps dS as a row and as a column.
+// Same structure as wkv7.cu (see the comment there and wkv::Tile): rows of a head split over G blocks, P threads
+// per row in the forward, checkpoints every CK tokens, column-slice recompute into a scratch in the backward, dS
+// kept as row and column slices. No per-token exchange is needed here: every sum is a row or a column sum.
 #include "wkv_common.cuh"
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
 using wkv::CK;
+using wkv::group_sum;
 
 namespace {
 
@@ -22,147 +24,194 @@ __device__ __forceinline__ int64_t w_off(int b, int t, int h, int T, int H, int 
   return kTimeDecay ? wkv::seq_off(b, t, h, T, H, N) : int64_t(h) * N;
 }
 
-template <typename F, int N>
-__device__ __forceinline__ void load_decay(float (*sd)[N], const F* w, int b, int t0, int L, int h, int T, int H,
-                                           int x) {
-  for (int l = 0; l < (kTimeDecay ? L : 1); ++l) sd[l][x] = decay56(wkv::to_f(w[w_off(b, t0 + l, h, T, H, N) + x]));
+// Shared per-chunk key-side vectors r, k, decay (decay: CK rows for wkv6, one row for wkv5) and u.
+template <typename F, int N, int kThreads>
+__device__ __forceinline__ void load_keys(float (*sr)[N], float (*sk)[N], float (*sd)[N], const F* r, const F* k,
+                                          const F* w, int b, int t0, int L, int h, int T, int H) {
+  for (int e = threadIdx.x; e < L * N; e += kThreads) {
+    const int l = e / N, x = e % N;
+    const int64_t o = wkv::seq_off(b, t0 + l, h, T, H, N) + x;
+    sr[l][x] = wkv::to_f(r[o]);
+    sk[l][x] = wkv::to_f(k[o]);
+    if (kTimeDecay) sd[l][x] = decay56(wkv::to_f(w[o]));
+  }
 }
 
-template <typename F, int N>
-__global__ void __launch_bounds__(N) fwd_kernel(int T, int H, const F* __restrict__ r, const F* __restrict__ w,
-    const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ u, const float* __restrict__ s0,
-    F* __restrict__ y, float* __restrict__ sT, float* __restrict__ ckpt) {
+template <typename F, class Tl>
+__global__ void __launch_bounds__(Tl::kThreads) fwd_kernel(int T, int H, const F* __restrict__ r,
+    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ u,
+    const float* __restrict__ s0, F* __restrict__ y, float* __restrict__ sT, float* __restrict__ ckpt) {
+  constexpr int N = Tl::N, R = Tl::R, P = Tl::P, M = Tl::M;
   extern __shared__ __align__(16) float smem[];
   float (*sr)[N] = reinterpret_cast<float (*)[N]>(smem);
-  float (*sk)[N] = sr + CK, (*sv)[N] = sk + CK, (*su)[N] = sv + CK, (*sd)[N] = su + 1;
-  const int bh = blockIdx.x, bb = bh / H, h = bh % H, i = threadIdx.x;
+  float (*sk)[N] = sr + CK, (*su)[N] = sk + CK, (*sd)[N] = su + 1;
+  float (*sv)[R] = reinterpret_cast<float (*)[R]>(sd + kDecayRows);
+  const int bh = blockIdx.x / Tl::G, g = blockIdx.x % Tl::G, bb = bh / H, h = bh % H;
+  const int il = threadIdx.x / P, p = threadIdx.x % P, i = g * R + il;
   const int nc = (T + CK - 1) / CK;
-  su[0][i] = wkv::to_f(u[h * N + i]);
-  if (!kTimeDecay) load_decay<F, N>(sd, w, bb, 0, 1, h, T, H, i);
-  float S[N];
+  for (int x = threadIdx.x; x < N; x += Tl::kThreads) {
+    su[0][x] = wkv::to_f(u[h * N + x]);
+    if (!kTimeDecay) sd[0][x] = decay56(wkv::to_f(w[h * N + x]));
+  }
+  float S[M];
   const float* s0row = s0 + (int64_t(bh) * N + i) * N;
 #pragma unroll
-  for (int j = 0; j < N; ++j) S[j] = s0row[j];
+  for (int jj = 0; jj < M; ++jj) S[jj] = s0row[jj * P + p];
   for (int c = 0; c < nc; ++c) {
     const int t0 = c * CK, L = min(CK, T - t0);
     float* cp = ckpt + ((int64_t(bh) * nc + c) * N + i) * N;
 #pragma unroll
-    for (int j = 0; j < N; j += 4) *reinterpret_cast<float4*>(cp + j) = make_float4(S[j], S[j + 1], S[j + 2], S[j + 3]);
+    for (int jj = 0; jj < M; ++jj) cp[jj * P + p] = S[jj];
     __syncthreads();
-    for (int l = 0; l < L; ++l) {
-      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + i;
-      sr[l][i] = wkv::to_f(r[o]);
-      sk[l][i] = wkv::to_f(k[o]);
-      sv[l][i] = wkv::to_f(v[o]);
+    load_keys<F, N, Tl::kThreads>(sr, sk, sd, r, k, w, bb, t0, L, h, T, H);
+    for (int e = threadIdx.x; e < L * R; e += Tl::kThreads) {
+      const int l = e / R, x = e % R;
+      sv[l][x] = wkv::to_f(v[wkv::seq_off(bb, t0 + l, h, T, H, N) + g * R + x]);
     }
-    if (kTimeDecay) load_decay<F, N>(sd, w, bb, t0, L, h, T, H, i);
     __syncthreads();
     for (int l = 0; l < L; ++l) {
-      const float vi = sv[l][i];
+      const float vi = sv[l][il];
       const int ld = kTimeDecay ? l : 0;
-      float yi = 0.f, ukr = 0.f;
+      float yp = 0.f, ukr = 0.f;
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        yi += S[j] * sr[l][j];
+      for (int jj = 0; jj < M; ++jj) {
+        const int j = jj * P + p;
+        yp += S[jj] * sr[l][j];
         ukr += su[0][j] * sk[l][j] * sr[l][j];
-        S[j] = S[j] * sd[ld][j] + vi * sk[l][j];
+        S[jj] = S[jj] * sd[ld][j] + vi * sk[l][j];
       }
-      y[wkv::seq_off(bb, t0 + l, h, T, H, N) + i] = wkv::from_f<F>(yi + vi * ukr);
+      const float yi = group_sum<P>(yp + vi * ukr);
+      if (p == 0) y[wkv::seq_off(bb, t0 + l, h, T, H, N) + i] = wkv::from_f<F>(yi);
     }
   }
   float* strow = sT + (int64_t(bh) * N + i) * N;
 #pragma unroll
-  for (int j = 0; j < N; j += 4) *reinterpret_cast<float4*>(strow + j) = make_float4(S[j], S[j + 1], S[j + 2], S[j + 3]);
+  for (int jj = 0; jj < M; ++jj) strow[jj * P + p] = S[jj];
 }
 
-// dw: per token (wkv6, type F) or summed over time per (b,h) (wkv5, fp32 [B,H,N]); du: fp32 [B,H,N] partial sums.
-template <typename F, int N, typename DW>
-__global__ void __launch_bounds__(N) bwd_kernel(int T, int H, const F* __restrict__ r, const F* __restrict__ w,
-    const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ u, const F* __restrict__ dy,
-    const float* __restrict__ dsT, const float* __restrict__ ckpt, float* __restrict__ scratch, F* __restrict__ dr,
-    DW* __restrict__ dw, F* __restrict__ dk, F* __restrict__ dv, float* __restrict__ du, float* __restrict__ ds0) {
+// dr, dk (and wkv6's dw): written directly when one block owns the whole head (G == 1), else added into fp32 sums.
+template <typename F, bool kAtomic>
+struct KeyGrads {
+  F *dr, *dk, *dw;  // dw unused for wkv5
+  float* acc;       // [3, B, T, H, N] when kAtomic
+  int64_t n;        // B*T*H*N
+  __device__ __forceinline__ void put(int64_t o, float r_, float k_, float w_) const {
+    if constexpr (kAtomic) {
+      atomicAdd(acc + o, r_);
+      atomicAdd(acc + n + o, k_);
+      if (kTimeDecay) atomicAdd(acc + 2 * n + o, w_);
+    } else {
+      dr[o] = wkv::from_f<F>(r_);
+      dk[o] = wkv::from_f<F>(k_);
+      if (kTimeDecay) dw[o] = wkv::from_f<F>(w_);
+    }
+  }
+};
+
+// du and wkv5's dw are fp32 [B,H,N], zeroed by the caller and summed into atomically (one add per block).
+template <typename F, class Tl>
+__global__ void __launch_bounds__(Tl::kThreads) bwd_kernel(int T, int H, const F* __restrict__ r,
+    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ u,
+    const F* __restrict__ dy, const float* __restrict__ dsT, const float* __restrict__ ckpt,
+    float* __restrict__ scratch, KeyGrads<F, (Tl::G > 1)> out, F* __restrict__ dv, float* __restrict__ du,
+    float* __restrict__ dw_const, float* __restrict__ ds0) {
+  constexpr int N = Tl::N, R = Tl::R, P = Tl::P, M = Tl::M, Q = Tl::Q, MC = Tl::MC, RS = Tl::RS;
   extern __shared__ __align__(16) float smem[];
   float (*sr)[N] = reinterpret_cast<float (*)[N]>(smem);
-  float (*sk)[N] = sr + CK, (*sv)[N] = sk + CK, (*sdy)[N] = sv + CK, (*su)[N] = sdy + CK, (*sd)[N] = su + 1;
-  const int bh = blockIdx.x, bb = bh / H, h = bh % H, x = threadIdx.x;
+  float (*sk)[N] = sr + CK, (*su)[N] = sk + CK, (*sd)[N] = su + 1;
+  float (*sdy)[R] = reinterpret_cast<float (*)[R]>(sd + kDecayRows);
+  float (*sv)[R] = sdy + CK;
+  const int bh = blockIdx.x / Tl::G, g = blockIdx.x % Tl::G, bb = bh / H, h = bh % H;
+  const int il = threadIdx.x / P, p = threadIdx.x % P, i = g * R + il;  // row role
+  const int jc = threadIdx.x / Q, q = threadIdx.x % Q;                   // column role: rows g*R + ii*Q + q
   const int nc = (T + CK - 1) / CK;
-  float* scr = scratch + int64_t(bh) * CK * N * N;
-  su[0][x] = wkv::to_f(u[h * N + x]);
-  if (!kTimeDecay) load_decay<F, N>(sd, w, bb, 0, 1, h, T, H, x);
-  const float uj = su[0][x];
+  float* scr = Tl::kSmemScratch ? reinterpret_cast<float*>(sv + CK) : scratch + int64_t(blockIdx.x) * CK * R * N;
+  for (int x = threadIdx.x; x < N; x += Tl::kThreads) {
+    su[0][x] = wkv::to_f(u[h * N + x]);
+    if (!kTimeDecay) sd[0][x] = decay56(wkv::to_f(w[h * N + x]));
+  }
+  __syncthreads();
+  const float uj = su[0][jc];
   float du_acc = 0.f, dw_acc = 0.f;
-  float Grow[N], Gcol[N];  // dL/dS_t: row x and column x
+  float Grow[M], Gcol[MC];  // dL/dS_t: a slice of row i and a slice of column jc
   const float* g0 = dsT + int64_t(bh) * N * N;
 #pragma unroll
-  for (int j = 0; j < N; ++j) Grow[j] = g0[x * N + j];
+  for (int jj = 0; jj < M; ++jj) Grow[jj] = g0[i * N + jj * P + p];
 #pragma unroll
-  for (int i = 0; i < N; ++i) Gcol[i] = g0[i * N + x];
+  for (int ii = 0; ii < MC; ++ii) Gcol[ii] = g0[(g * R + ii * Q + q) * N + jc];
   for (int c = nc - 1; c >= 0; --c) {
     const int t0 = c * CK, L = min(CK, T - t0);
     __syncthreads();
-    for (int l = 0; l < L; ++l) {
-      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + x;
-      sr[l][x] = wkv::to_f(r[o]);
-      sk[l][x] = wkv::to_f(k[o]);
-      sv[l][x] = wkv::to_f(v[o]);
+    load_keys<F, N, Tl::kThreads>(sr, sk, sd, r, k, w, bb, t0, L, h, T, H);
+    for (int e = threadIdx.x; e < L * R; e += Tl::kThreads) {
+      const int l = e / R, x = e % R;
+      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + g * R + x;
       sdy[l][x] = wkv::to_f(dy[o]);
+      sv[l][x] = wkv::to_f(v[o]);
     }
-    if (kTimeDecay) load_decay<F, N>(sd, w, bb, t0, L, h, T, H, x);
     __syncthreads();
-    {  // recompute column x of S_{t-1} for every token of the chunk into the scratch
-      const float* cp = ckpt + (int64_t(bh) * nc + c) * N * N + x;
-      float Sc[N];
+    {  // recompute this thread's column slice of S_{t-1} for every token of the chunk into the scratch
+      const float* cp = ckpt + (int64_t(bh) * nc + c) * N * N + g * R * N + jc;
+      float Sc[MC];
 #pragma unroll
-      for (int i = 0; i < N; ++i) Sc[i] = cp[i * N];
+      for (int ii = 0; ii < MC; ++ii) Sc[ii] = cp[(ii * Q + q) * N];
       for (int l = 0; l < L; ++l) {
-        float* out = scr + int64_t(l) * N * N + x;
-        const float dj = sd[kTimeDecay ? l : 0][x], kj = sk[l][x];
+        float* dst = scr + l * R * RS + jc;
+        const float dj = sd[kTimeDecay ? l : 0][jc], kj = sk[l][jc];
 #pragma unroll
-        for (int i = 0; i < N; ++i) {
-          out[i * N] = Sc[i];
-          Sc[i] = Sc[i] * dj + sv[l][i] * kj;
+        for (int ii = 0; ii < MC; ++ii) {
+          const int row = ii * Q + q;
+          dst[row * RS] = Sc[ii];
+          Sc[ii] = Sc[ii] * dj + sv[l][row] * kj;
         }
       }
     }
     for (int l = L - 1; l >= 0; --l) {
-      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + x;
+      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N);
       const int ld = kTimeDecay ? l : 0;
-      // row role (i = x)
-      const float dyi = sdy[l][x];
-      float dvi = 0.f, ukr = 0.f;
+      // row role: dv_i = sum_j dS_ij k_j + dy_i (u.k.r); dS_{t-1} = dS_t diag(d) + dy r^T
+      const float dyi = sdy[l][il];
+      float dvp = 0.f, ukr = 0.f;
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        dvi += Grow[j] * sk[l][j];
+      for (int jj = 0; jj < M; ++jj) {
+        const int j = jj * P + p;
+        dvp += Grow[jj] * sk[l][j];
         ukr += su[0][j] * sk[l][j] * sr[l][j];
-        Grow[j] = Grow[j] * sd[ld][j] + dyi * sr[l][j];
+        Grow[jj] = Grow[jj] * sd[ld][j] + dyi * sr[l][j];
       }
-      dv[o] = wkv::from_f<F>(dvi + dyi * ukr);
-      // column role (j = x)
-      const float rj = sr[l][x], kj = sk[l][x], dj = sd[ld][x];
-      const float* Sp = scr + int64_t(l) * N * N + x;
+      const float dvi = group_sum<P>(dvp + dyi * ukr);
+      if (p == 0) dv[o + i] = wkv::from_f<F>(dvi);
+      // column role: sums over this block's value rows
+      const float rj = sr[l][jc], kj = sk[l][jc], dj = sd[ld][jc];
+      const float* Sp = scr + l * R * RS + jc;
       float drj = 0.f, dkj = 0.f, ddj = 0.f, dyv = 0.f;
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float s = Sp[i * N], dy_i = sdy[l][i], vi = sv[l][i];
+      for (int ii = 0; ii < MC; ++ii) {
+        const int row = ii * Q + q;
+        const float s = Sp[row * RS], dy_i = sdy[l][row], vi = sv[l][row];
         drj += s * dy_i;
-        dkj += Gcol[i] * vi;
-        ddj += Gcol[i] * s;
+        dkj += Gcol[ii] * vi;
+        ddj += Gcol[ii] * s;
         dyv += dy_i * vi;
-        Gcol[i] = Gcol[i] * dj + dy_i * rj;
+        Gcol[ii] = Gcol[ii] * dj + dy_i * rj;
       }
-      dr[o] = wkv::from_f<F>(drj + uj * kj * dyv);
-      dk[o] = wkv::from_f<F>(dkj + uj * rj * dyv);
+      dyv = group_sum<Q>(dyv);
+      drj = group_sum<Q>(drj) + uj * kj * dyv;
+      dkj = group_sum<Q>(dkj) + uj * rj * dyv;
+      ddj = group_sum<Q>(ddj);
       du_acc += rj * kj * dyv;
-      const float dwj = -ddj * dj * expf(wkv::to_f(w[w_off(bb, t0 + l, h, T, H, N) + x]));
-      if constexpr (kTimeDecay) dw[o] = wkv::from_f<F>(dwj);
-      else dw_acc += dwj;
+      const float dwj = -ddj * dj * expf(wkv::to_f(w[w_off(bb, t0 + l, h, T, H, N) + jc]));
+      if (!kTimeDecay) dw_acc += dwj;
+      if (q == 0) out.put(o + jc, drj, dkj, dwj);
     }
   }
-  du[int64_t(bh) * N + x] = du_acc;
-  if constexpr (!kTimeDecay) dw[int64_t(bh) * N + x] = dw_acc;
-  float* g = ds0 + int64_t(bh) * N * N + x;
+  if (q == 0) {
+    atomicAdd(du + int64_t(bh) * N + jc, du_acc);
+    if (!kTimeDecay) atomicAdd(dw_const + int64_t(bh) * N + jc, dw_acc);
+  }
+  float* gout = ds0 + int64_t(bh) * N * N + g * R * N + jc;
 #pragma unroll
-  for (int i = 0; i < N; ++i) g[i * N] = Gcol[i];
+  for (int ii = 0; ii < MC; ++ii) gout[(ii * Q + q) * N] = Gcol[ii];
 }
 
 template <typename F>
@@ -170,33 +219,69 @@ const F* cptr(const torch::Tensor& t) { return reinterpret_cast<const F*>(t.data
 template <typename F>
 F* mptr(torch::Tensor& t) { return reinterpret_cast<F*>(t.data_ptr()); }
 
-template <typename F>
-void fwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,
-               torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt) {
-  constexpr int N = WKV_N;
-  const int B = r.size(0), T = r.size(1), H = r.size(2);
-  const size_t smem = (size_t(3) * CK + 1 + kDecayRows) * N * sizeof(float);
-  auto kern = fwd_kernel<F, N>;
-  wkv::allow_smem(kern, smem);
-  kern<<<B * H, N, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k), cptr<F>(v),
-      cptr<F>(u), s0.data_ptr<float>(), mptr<F>(y), sT.data_ptr<float>(), ckpt.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// Calls f(Tile{}) with `rows` value rows per block (0: pick by B*H so that the GPU fills up).
+template <class Fn>
+void with_tile(int BH, int rows, Fn&& f) {
+  static_assert(WKV_N == 64, "RWKV-5/6 kernels are built for head size 64");
+  if (rows == 0) rows = BH >= 64 ? 64 : 16;  // measured on H100 (bench/results/kernels.md, --sweep-rows)
+  TORCH_CHECK(rows == 64 || rows == 16 || rows == 8, "wkv5/6: rows per block must be 0, 8, 16 or 64");
+  if (rows == 64) f(wkv::Tile<64, 64, 4>{});
+  else if (rows == 16) f(wkv::Tile<64, 16, 8>{});
+  else f(wkv::Tile<64, 8, 8>{});
 }
 
 template <typename F>
+void fwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,
+               torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt, int rows) {
+  const int B = r.size(0), T = r.size(1), H = r.size(2);
+  with_tile(B * H, rows, [&](auto tile) {
+    using Tl = decltype(tile);
+    const size_t smem = (size_t(2 * CK + 1 + kDecayRows) * Tl::N + size_t(CK) * Tl::R) * sizeof(float);
+    auto kern = fwd_kernel<F, Tl>;
+    wkv::allow_smem(kern, smem);
+    kern<<<B * H * Tl::G, Tl::kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w),
+        cptr<F>(k), cptr<F>(v), cptr<F>(u), s0.data_ptr<float>(), mptr<F>(y), sT.data_ptr<float>(),
+        ckpt.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// dw is [B,T,H,N] of the input dtype (wkv6) or fp32 [B,H,N] per-(b,h) sums (wkv5); du is fp32 [B,H,N].
+template <typename F>
 void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,
                torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor scratch, torch::Tensor dr,
-               torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor du, torch::Tensor ds0) {
-  constexpr int N = WKV_N;
-  using DW = std::conditional_t<kTimeDecay, F, float>;
+               torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor du, torch::Tensor ds0,
+               int rows) {
   const int B = r.size(0), T = r.size(1), H = r.size(2);
-  const size_t smem = (size_t(4) * CK + 1 + kDecayRows) * N * sizeof(float);
-  auto kern = bwd_kernel<F, N, DW>;
-  wkv::allow_smem(kern, smem);
-  kern<<<B * H, N, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k), cptr<F>(v),
-      cptr<F>(u), cptr<F>(dy), dsT.data_ptr<float>(), ckpt.data_ptr<float>(), scratch.data_ptr<float>(), mptr<F>(dr),
-      mptr<DW>(dw), mptr<F>(dk), mptr<F>(dv), du.data_ptr<float>(), ds0.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  du.zero_();
+  if (!kTimeDecay) dw.zero_();
+  with_tile(B * H, rows, [&](auto tile) {
+    using Tl = decltype(tile);
+    constexpr bool kAtomic = Tl::G > 1;
+    torch::Tensor acc;
+    KeyGrads<F, kAtomic> out{mptr<F>(dr), mptr<F>(dk), kTimeDecay ? mptr<F>(dw) : nullptr, nullptr, r.numel()};
+    if (kAtomic) {
+      acc = torch::zeros({3, r.numel()}, r.options().dtype(torch::kFloat));
+      out.acc = acc.data_ptr<float>();
+    }
+    const size_t smem = (size_t(2 * CK + 1 + kDecayRows) * Tl::N + size_t(2 * CK) * Tl::R +
+                         (Tl::kSmemScratch ? size_t(CK) * Tl::R * Tl::RS : 0)) * sizeof(float);
+    torch::Tensor scr = scratch;  // global recompute scratch, only for tiles whose scratch is not in shared memory
+    if (!Tl::kSmemScratch && scr.numel() < int64_t(B) * H * Tl::G * CK * Tl::R * Tl::N)
+      scr = torch::empty({int64_t(B) * H * Tl::G * CK * Tl::R * Tl::N}, r.options().dtype(torch::kFloat));
+    auto kern = bwd_kernel<F, Tl>;
+    wkv::allow_smem(kern, smem);
+    kern<<<B * H * Tl::G, Tl::kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w),
+        cptr<F>(k), cptr<F>(v), cptr<F>(u), cptr<F>(dy), dsT.data_ptr<float>(), ckpt.data_ptr<float>(),
+        scr.data_ptr<float>(), out, mptr<F>(dv), du.data_ptr<float>(),
+        kTimeDecay ? nullptr : dw.data_ptr<float>(), ds0.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (kAtomic) {
+      dr.view({-1}).copy_(acc[0]);
+      dk.view({-1}).copy_(acc[1]);
+      if (kTimeDecay) dw.view({-1}).copy_(acc[2]);
+    }
+  });
 }
 
 }  // namespace
@@ -204,14 +289,15 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
 // Entry points with the version in the name, defined once per including .cu file.
 #define WKV56_DEFINE_ENTRY_POINTS(FWD_NAME, BWD_NAME)                                                              \
   void FWD_NAME(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,               \
-                torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt) {                         \
-    if (r.scalar_type() == at::kBFloat16) fwd_typed<__nv_bfloat16>(r, w, k, v, u, s0, y, sT, ckpt);                \
-    else fwd_typed<float>(r, w, k, v, u, s0, y, sT, ckpt);                                                         \
+                torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt, int rows) {               \
+    if (r.scalar_type() == at::kBFloat16) fwd_typed<__nv_bfloat16>(r, w, k, v, u, s0, y, sT, ckpt, rows);          \
+    else fwd_typed<float>(r, w, k, v, u, s0, y, sT, ckpt, rows);                                                   \
   }                                                                                                                \
   void BWD_NAME(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,               \
                 torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor scratch, torch::Tensor dr,  \
-                torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor du, torch::Tensor ds0) {       \
+                torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor du, torch::Tensor ds0,         \
+                int rows) {                                                                                        \
     if (r.scalar_type() == at::kBFloat16)                                                                          \
-      bwd_typed<__nv_bfloat16>(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0);                    \
-    else bwd_typed<float>(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0);                         \
+      bwd_typed<__nv_bfloat16>(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0, rows);              \
+    else bwd_typed<float>(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0, rows);                   \
   }

@@ -27,6 +27,33 @@ __device__ __forceinline__ int64_t seq_off(int b, int t, int h, int T, int H, in
   return ((int64_t(b) * T + t) * H + h) * N;
 }
 
+// Thread roles inside a block that owns value rows [g*R, g*R + R) of one head's N x N state (G = N/R blocks per head).
+// Row role: P consecutive threads share a value row i, each holding the M = N/P keys j = jj*P + p.
+// Column role: Q consecutive threads share a key column j, each holding the MC = R/Q rows ii*Q + q of the block.
+// Interleaved indices keep the P (or Q) addresses of one group in distinct shared-memory banks.
+template <int N_, int R_, int P_>
+struct Tile {
+  static constexpr int N = N_, R = R_, P = P_, G = N / R;
+  static constexpr int kThreads = R * P;
+  static constexpr int M = N / P;
+  static constexpr int Q = kThreads / N;
+  static constexpr int MC = R / Q;
+  // The backward's per-chunk recompute of S (CK x R x N floats) lives in shared memory when it fits, rows padded
+  // so the Q rows read together by one warp fall in distinct banks; otherwise in a global scratch (stride N).
+  static constexpr int kSmemRowStride = N + (Q > 1 ? 32 / Q : 0);
+  static constexpr bool kSmemScratch = CK * R * kSmemRowStride * 4 <= 96 * 1024;
+  static constexpr int RS = kSmemScratch ? kSmemRowStride : N;
+  static_assert(N % R == 0 && N % P == 0 && kThreads % N == 0 && R % Q == 0, "tile must split the state evenly");
+  static_assert(32 % P == 0 && 32 % Q == 0 && kThreads % 32 == 0, "row/column groups must sit inside one warp");
+};
+
+// Sum over W consecutive lanes (W a power of two dividing 32); every lane of the warp must call it.
+template <int W> __device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
 // Blocks may need more than the default 48 KB of dynamic shared memory (head size 128).
 template <typename K> inline void allow_smem(K kernel, size_t bytes) {
   if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ class BenchConfig:
     warmup: int = 3
     reps: int = 10
     with_fla: bool = True
+    sweep_rows: bool = False  # also time each forced block tiling of our kernels
 
 
 def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -52,11 +54,12 @@ def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0) -> 
     return out
 
 
-def ours(version: int) -> Callable:
+def ours(version: int, rows: int = 0) -> Callable:
+    """Our kernel; rows != 0 forces a block tiling (rows of a head's state per block) for the tuning sweep."""
     from infctx import ops
 
     op = ops.get_wkv(version, "cuda")
-    return lambda x: op(*x.values())
+    return lambda x: op(*x.values(), rows_per_block=rows)
 
 
 def fla(version: int) -> Callable:
@@ -135,7 +138,10 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
     res = dict(gpu=torch.cuda.get_device_name(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                torch=torch.__version__, cuda=torch.version.cuda, fla_core=None, fla_error=None,
                y_agreement_vs_fla={}, dtype="bf16 inputs, fp32 state in/out", rows=[])
-    impls = {"ours": ours}
+    impls: dict[str, Callable] = {"ours": ours}
+    if cfg.sweep_rows:
+        impls.update({f"ours-r{rows}": functools.partial(ours, rows=rows)
+                      for rows in (8, 16, 64)})
     if cfg.with_fla:
         try:
             import importlib.metadata as md
@@ -207,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--versions", type=int, nargs="+", default=list(BenchConfig.versions))
     p.add_argument("--reps", type=int, default=BenchConfig.reps)
     p.add_argument("--no-fla", action="store_true", help="skip the fla comparison")
+    p.add_argument("--sweep-rows", action="store_true", help="also time every block tiling of our kernels")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench-kernels: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU machine")
         return 1
-    cfg = BenchConfig(out_dir=args.out_dir, versions=tuple(args.versions), reps=args.reps, with_fla=not args.no_fla)
+    cfg = BenchConfig(out_dir=args.out_dir, versions=tuple(args.versions), reps=args.reps, with_fla=not args.no_fla,
+                      sweep_rows=args.sweep_rows)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
 
     def save(res: dict) -> None:

@@ -67,22 +67,27 @@ def _grad_in(g: Tensor | None, like: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _workspace(ext, r: Tensor) -> tuple[int, int]:
-    B, T, H, N = r.shape
-    return ext.chunk_len(), -(-T // ext.chunk_len())
+    """(tokens per checkpoint, number of checkpoints) for a [B,T,H,N] input."""
+    return ext.chunk_len(), -(-r.shape[1] // ext.chunk_len())
+
+
+def _no_scratch(r: Tensor) -> Tensor:
+    """The extension allocates its recompute scratch itself when its tile needs one in global memory."""
+    return torch.empty(0, device=r.device)
 
 
 class _WKV7(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0):
+    def forward(ctx, r, w, k, v, a, b, s0, rows):
         B, T, H, N = r.shape
         ext = load_extension(7, N, r.device)
         ck, nc = _workspace(ext, r)
         y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
         ckpt = torch.empty(B, H, nc, N, N, device=r.device)
         sa = torch.empty(B, T, H, N, device=r.device)
-        ext.forward(r, w, k, v, a, b, _state_in(s0, r), y, sT, ckpt, sa)
+        ext.forward(r, w, k, v, a, b, _state_in(s0, r), y, sT, ckpt, sa, rows)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
-        ctx.has_s0 = s0 is not None
+        ctx.has_s0, ctx.rows = s0 is not None, rows
         return y, sT
 
     @staticmethod
@@ -90,28 +95,26 @@ class _WKV7(torch.autograd.Function):
         r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
         B, T, H, N = r.shape
         ext = load_extension(7, N, r.device)
-        ck, _ = _workspace(ext, r)
         grads = [torch.empty_like(r) for _ in range(6)]
         ds0 = torch.empty(B, H, N, N, device=r.device)
-        scratch = torch.empty(B * H, ck, N, N, device=r.device)
         ext.backward(r, w, k, v, a, b, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt, sa,
-                     scratch, *grads, ds0)
-        return (*grads, ds0 if ctx.has_s0 else None)
+                     _no_scratch(r), *grads, ds0, ctx.rows)
+        return (*grads, ds0 if ctx.has_s0 else None, None)
 
 
 class _WKV56(torch.autograd.Function):
     """RWKV-5 (w [H,N]) and RWKV-6 (w [B,T,H,N]) share one Function; `version` picks the extension."""
 
     @staticmethod
-    def forward(ctx, version, r, w, k, v, u, s0):
+    def forward(ctx, version, r, w, k, v, u, s0, rows):
         B, T, H, N = r.shape
         ext = load_extension(version, N, r.device)
         _, nc = _workspace(ext, r)
         y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
         ckpt = torch.empty(B, H, nc, N, N, device=r.device)
-        ext.forward(r, w, k, v, u, _state_in(s0, r), y, sT, ckpt)
+        ext.forward(r, w, k, v, u, _state_in(s0, r), y, sT, ckpt, rows)
         ctx.save_for_backward(r, w, k, v, u, ckpt)
-        ctx.version, ctx.has_s0 = version, s0 is not None
+        ctx.version, ctx.has_s0, ctx.rows = version, s0 is not None, rows
         return y, sT
 
     @staticmethod
@@ -119,39 +122,38 @@ class _WKV56(torch.autograd.Function):
         r, w, k, v, u, ckpt = ctx.saved_tensors
         B, T, H, N = r.shape
         ext = load_extension(ctx.version, N, r.device)
-        ck, _ = _workspace(ext, r)
         dr, dk, dv = (torch.empty_like(r) for _ in range(3))
         per_head = torch.empty(B, H, N, device=r.device)  # wkv5's dw: fp32 partial sums per (b, h)
         dw = torch.empty_like(w) if ctx.version == 6 else per_head
         du = torch.empty(B, H, N, device=r.device)
         ds0 = torch.empty(B, H, N, N, device=r.device)
-        scratch = torch.empty(B * H, ck, N, N, device=r.device)
-        ext.backward(r, w, k, v, u, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt, scratch,
-                     dr, dw, dk, dv, du, ds0)
+        ext.backward(r, w, k, v, u, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt,
+                     _no_scratch(r), dr, dw, dk, dv, du, ds0, ctx.rows)
         if ctx.version == 5:
             dw = dw.sum(0).to(w.dtype)
-        return None, dr, dw, dk, dv, du.sum(0).to(u.dtype), ds0 if ctx.has_s0 else None
+        return None, dr, dw, dk, dv, du.sum(0).to(u.dtype), ds0 if ctx.has_s0 else None, None
 
 
 def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-              s0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math."""
+              s0: Tensor | None = None, *, rows_per_block: int = 0) -> tuple[Tensor, Tensor]:
+    """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math. `rows_per_block` picks how a
+    head's state rows are split over blocks (0 = by B*H; 8/16/64 for N=64, 32/128 for N=128): a tuning knob."""
     validate_inputs(7, dict(r=r, w=w, k=k, v=v, a=a, b=b), {}, s0)
-    return _WKV7.apply(r, *_like_r(r, w, k, v, a, b), s0)
+    return _WKV7.apply(r, *_like_r(r, w, k, v, a, b), s0, rows_per_block)
 
 
 def wkv6_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
-              s0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """RWKV-6 WKV on the CUDA kernel; w [B,T,H,N] raw decay logits, u [H,N]."""
+              s0: Tensor | None = None, *, rows_per_block: int = 0) -> tuple[Tensor, Tensor]:
+    """RWKV-6 WKV on the CUDA kernel; w [B,T,H,N] raw decay logits, u [H,N]; rows_per_block as in wkv7_cuda."""
     validate_inputs(6, dict(r=r, w=w, k=k, v=v), dict(u=u), s0)
-    return _WKV56.apply(6, r, *_like_r(r, w, k, v, u), s0)
+    return _WKV56.apply(6, r, *_like_r(r, w, k, v, u), s0, rows_per_block)
 
 
 def wkv5_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
-              s0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+              s0: Tensor | None = None, *, rows_per_block: int = 0) -> tuple[Tensor, Tensor]:
     """RWKV-5 WKV on the CUDA kernel; w [H,N] raw decay logits (constant over time), u [H,N]."""
     validate_inputs(5, dict(r=r, k=k, v=v), dict(w=w, u=u), s0)
-    return _WKV56.apply(5, r, *_like_r(r, w, k, v, u), s0)
+    return _WKV56.apply(5, r, *_like_r(r, w, k, v, u), s0, rows_per_block)
 
 
 @functools.lru_cache(maxsize=None)

@@ -54,12 +54,13 @@ def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_against_reference(version: int, B: int, T: int, H: int, N: int, dtype: torch.dtype, seed: int = 0,
-                            ref_device: str = "cuda") -> dict:
+                            ref_device: str = "cuda", rows: int = 0) -> dict:
     inputs = make_inputs(version, B, T, H, N, dtype, seed)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     gy = torch.randn(B, T, H, N, generator=g, device="cuda")
     gs = torch.randn(B, H, N, N, generator=g, device="cuda")
-    got = run(ops.get_wkv(version, "cuda"), inputs, gy, gs)
+    op = ops.get_wkv(version, "cuda")
+    got = run(lambda *xs: op(*xs, rows_per_block=rows), inputs, gy, gs)
     naive = getattr(ops, NAIVE[version])
     ref = run(naive, {n: t.to(ref_device) for n, t in inputs.items()}, gy.to(ref_device).double(),
               gs.to(ref_device).double(), double=True)
@@ -69,7 +70,8 @@ def check_against_reference(version: int, B: int, T: int, H: int, N: int, dtype:
     return errors
 
 
-SHAPES = [(2, 37, 3), (3, 1, 2), (1, 64, 2), (2, 100, 1)]  # B>1, T=1, T multiple of 16, T not multiple of 16
+# B>1, T=1, T multiple of 16, T not multiple of 16; B*H >= 64 and >= 256 switch the kernels' row split (wkv::Tile)
+SHAPES = [(2, 37, 3), (3, 1, 2), (1, 64, 2), (2, 100, 1), (2, 19, 40), (4, 20, 64)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -79,9 +81,19 @@ def test_matches_float64_reference(version, shape, dtype):
     check_against_reference(version, *shape, N=64, dtype=dtype)
 
 
+@pytest.mark.parametrize("rows", [8, 16, 64])
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_every_row_split(version, rows):
+    """Each block tiling (rows of a head per block: atomics or not, shared or global scratch) is exact."""
+    check_against_reference(version, 2, 37, 3, 64, torch.float32, rows=rows)
+    check_against_reference(version, 2, 21, 2, 64, torch.bfloat16, rows=rows)
+
+
+@pytest.mark.parametrize("rows", [0, 32, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_wkv7_head_size_128(dtype):
-    check_against_reference(7, 2, 45, 2, 128, dtype)
+@pytest.mark.parametrize("shape", [(2, 45, 2), (2, 5, 128)], ids=lambda s: "B{}T{}H{}".format(*s))
+def test_wkv7_head_size_128(shape, dtype, rows):
+    check_against_reference(7, *shape, N=128, dtype=dtype, rows=rows)
 
 
 @pytest.mark.parametrize("version", [5, 6, 7])
