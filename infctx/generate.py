@@ -57,11 +57,53 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     return int(order[pick])
 
 
+class EagerStep:
+    """One recurrent step: `forward_one` on the carried State."""
+
+    def __init__(self, model: RWKV, state: State):
+        self.model, self.state = model, state
+
+    def __call__(self, token: int) -> torch.Tensor:
+        idx = torch.tensor([token], dtype=torch.long, device=self.state.wkv.device)
+        logits, self.state = self.model.forward_one(idx, self.state)
+        return logits[0]
+
+
+class CudaGraphStep:
+    """The same step replayed from a captured CUDA graph: for a small model each token is hundreds of tiny kernels
+    whose launch overhead, not their math, sets the speed; a replay launches them all at once.
+
+    Inputs and outputs live in fixed buffers: the token and the State are copied in, the graph is replayed, the new
+    State is copied back into the input buffers. The returned logits are overwritten by the next call.
+    """
+
+    def __init__(self, model: RWKV, state: State):
+        self.token = torch.zeros(1, dtype=torch.long, device=state.wkv.device)
+        self.state = state.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (lazy init, backend resolution, allocator)
+            for _ in range(2):
+                model.forward_one(self.token, self.state)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, self.next_state = model.forward_one(self.token, self.state)
+
+    def __call__(self, token: int) -> torch.Tensor:
+        self.token.fill_(token)
+        self.graph.replay()
+        for buffer, new in zip(self.state.tensors(), self.next_state.tensors()):
+            buffer.copy_(new)
+        return self.logits[0]
+
+
 @torch.no_grad()
 def generate_ids(
-    model: RWKV, prompt_ids: list[int], sampling: SamplingConfig, state: State | None = None
+    model: RWKV, prompt_ids: list[int], sampling: SamplingConfig, state: State | None = None, cuda_graph: bool = False
 ) -> Iterator[int]:
-    """Yield new token ids. The prompt goes through `forward` (parallel), then each token through `forward_one`.
+    """Yield new token ids. The prompt goes through `forward` (parallel), then each token through `forward_one`
+    (replayed from a CUDA graph when `cuda_graph` and the model is on a GPU).
 
     `state` (batch 1) seeds the recurrence, e.g. a state-tuned initial state; it is not modified.
     """
@@ -73,13 +115,16 @@ def generate_ids(
         state = state.to(weight.device, weight.dtype)  # shift vectors in the model's dtype, wkv stays fp32
     logits, state = model.forward(torch.tensor([prompt_ids], dtype=torch.long, device=weight.device), state)
     last = logits[0, -1]
+    step = None
     for i in range(sampling.max_tokens):
         token = sample_token(last, sampling.temperature, sampling.top_p, generator)
         yield token
         if token in sampling.stop_ids or i == sampling.max_tokens - 1:
             return
-        logits, state = model.forward_one(torch.tensor([token], dtype=torch.long, device=weight.device), state)
-        last = logits[0]
+        if step is None:
+            use_graph = cuda_graph and weight.device.type == "cuda"
+            step = CudaGraphStep(model, state) if use_graph else EagerStep(model, state)
+        last = step(token)
 
 
 def stream_text(ids: Iterable[int], tokenizer) -> Iterator[str]:
@@ -112,11 +157,12 @@ def generate(
     seed: int | None = None,
     state: State | None = None,
     stop_ids: tuple[int, ...] = (),
+    cuda_graph: bool = False,
 ) -> Iterator[str]:
     """Python API: yield the generated text piece by piece (streaming). An empty prompt starts from the end-of-document token."""
     sampling = SamplingConfig(max_tokens, temperature, top_p, seed, tuple(stop_ids))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eod_id]
-    return stream_text(generate_ids(model, prompt_ids, sampling, state), tokenizer)
+    return stream_text(generate_ids(model, prompt_ids, sampling, state, cuda_graph), tokenizer)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--wkv-backend", default="auto", help="WKV op: auto (CUDA kernel on GPU if it builds), torch, cuda")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, replay each token's step from a captured CUDA graph (default: on)")
     p.add_argument("--stop-at-eod", action="store_true", help="stop when the end-of-document token is generated")
     return p
 
@@ -158,7 +206,7 @@ def main(argv: list[str]) -> int:
                              f"{model.cfg.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)")
         stop_ids = (tokenizer.eod_id,) if args.stop_at_eod else ()
         pieces = generate(model, tokenizer, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed,
-                          state, stop_ids)
+                          state, stop_ids, args.cuda_graph)
         sys.stdout.write(args.prompt)
         for piece in pieces:
             sys.stdout.write(piece)

@@ -145,6 +145,9 @@ def test_gpu_generation_matches_cpu(tmp_path):
     cpu = list(generate_ids(model, prompt, greedy))
     gpu_model = tiny_model(7, head_size=64).cuda()
     assert list(generate_ids(gpu_model, prompt, greedy)) == cpu
+    assert list(generate_ids(gpu_model, prompt, greedy, cuda_graph=True)) == cpu
+    seeded = SamplingConfig(max_tokens=16, temperature=1.0, top_p=0.9, seed=4)
+    assert list(generate_ids(gpu_model, prompt, seeded, cuda_graph=True)) == list(generate_ids(gpu_model, prompt, seeded))
     # bf16 on the GPU with an fp32 state from a file (the CLI's default on GPU): runs and is reproducible.
     state = State.zeros(model.cfg, 1)
     state.wkv.normal_(generator=torch.Generator().manual_seed(3))
