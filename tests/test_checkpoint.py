@@ -5,6 +5,7 @@ and gives the same logits and states as our model."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -350,7 +351,9 @@ def test_export_from_deepspeed_zero2_and_zero3_checkpoints(tmp_path):
     pytest.importorskip("deepspeed")
     expected_path = tmp_path / "expected.pt"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    port = str(29500 + os.getpid() % 1000)
+    with socket.socket() as probe:  # a free TCP port for the one-process gloo group
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     proc = subprocess.run([sys.executable, "-c", ZERO_WRITER, str(tmp_path), str(expected_path), port], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
