@@ -93,7 +93,8 @@ def split_time_state(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, tor
 
 # Config fields read from tensor shapes, per version: field -> (parameter of a block, dim, divisor).
 _SHAPE_FIELDS: dict[int, dict[str, tuple[str, int, int]]] = {
-    5: {"head_size": ("att.time_faaaa", 1, 1), "dim_att": ("att.key.weight", 0, 1), "dim_ffn": ("ffn.key.weight", 0, 1)},
+    5: {"head_size": ("att.time_faaaa", 1, 1), "dim_att": ("att.key.weight", 0, 1),
+        "dim_ffn": ("ffn.key.weight", 0, 1)},
     6: {"head_size": ("att.time_faaaa", 1, 1), "dim_att": ("att.key.weight", 0, 1), "dim_ffn": ("ffn.key.weight", 0, 1),
         "d_mix_lora": ("att.time_maa_w1", 1, 5), "d_decay_lora": ("att.time_decay_w1", 1, 1)},
     7: {"head_size": ("att.r_k", 1, 1), "dim_ffn": ("ffn.key.weight", 0, 1), "d_decay_lora": ("att.w1", 1, 1),
@@ -112,7 +113,8 @@ def detect_version(tensors: Mapping[str, torch.Tensor], source: str = "checkpoin
     if "blocks.0.att.time_mix_k" in tensors and decay is not None and decay.dim() == 2:
         return 5
     raise CheckpointError(f"{source}: no RWKV-7 (blocks.0.att.r_k), RWKV-6 (blocks.0.att.time_maa_x) or RWKV-5.2 "
-                          "(blocks.0.att.time_mix_k with a per-head time_decay) tensors; only RWKV-5.2/6/7 are supported")
+                          "(blocks.0.att.time_mix_k with a per-head time_decay) tensors; "
+                          "only RWKV-5.2/6/7 are supported")
 
 
 def infer_config(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint", **overrides) -> ModelConfig:
@@ -131,7 +133,8 @@ def infer_config(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint"
     for field, (param, dim, divisor) in _SHAPE_FIELDS[version].items():
         name = next((f"blocks.{i}.{param}" for i in layers if f"blocks.{i}.{param}" in tensors), None)
         if name is None:
-            raise CheckpointError(f"{source}: no 'blocks.N.{param}' tensor, needed to read {field} of an RWKV-{version}")
+            raise CheckpointError(f"{source}: no 'blocks.N.{param}' tensor, needed to read {field} of an "
+                                  f"RWKV-{version}")
         values[field] = int(tensors[name].shape[dim]) // divisor
     values.update(overrides)
     try:
@@ -272,7 +275,8 @@ def load_state_file(path: str | os.PathLike, cfg: ModelConfig) -> State:
 
 
 def embedded_state(path: str | os.PathLike, cfg: ModelConfig) -> State | None:
-    """The tuned state merged into a model .pth as `blocks.N.att.time_state` (how the rwkv package reads it), or None."""
+    """The tuned state merged into a model .pth as `blocks.N.att.time_state` (as the rwkv package reads it), or
+    None."""
     time_state = split_time_state(read_tensors(path))[1]
     return state_from_time_state(time_state, cfg, str(path)) if time_state else None
 

@@ -1,8 +1,8 @@
 """Text generation in RNN mode: the prompt in parallel mode, then one token at a time with the State carried.
 
-The prompt costs one parallel `forward` (fast, like training); every new token costs one `forward_one`, whose cost does not
-grow with the length of the text so far. Sampling draws from a seeded CPU generator, so a seed gives the same text whatever
-device the model runs on (up to the model's own numerics).
+The prompt costs one parallel `forward` (fast, like training); every new token costs one `forward_one`, whose cost
+does not grow with the length of the text so far. Sampling draws from a seeded CPU generator, so a seed gives the same
+text whatever device the model runs on (up to the model's own numerics).
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ def generate(
     stop_ids: tuple[int, ...] = (),
     cuda_graph: bool = False,
 ) -> Iterator[str]:
-    """Python API: yield the generated text piece by piece (streaming). An empty prompt starts from the end-of-document token."""
+    """Python API: yield the generated text piece by piece (streaming). An empty prompt starts from the
+    end-of-document token."""
     sampling = SamplingConfig(max_tokens, temperature, top_p, seed, tuple(stop_ids))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eod_id]
     return stream_text(generate_ids(model, prompt_ids, sampling, state, cuda_graph), tokenizer)
