@@ -127,3 +127,20 @@ def test_doctor_without_gpu_exits_cleanly(capsys):
     assert doctor.main([]) == 1
     out = capsys.readouterr().out
     assert "no CUDA GPU is visible" in out and "wkv_backend='auto' will use 'torch'" in out
+
+
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_doctor_reference_check_harness(version):
+    """The doctor's fwd+bwd comparison, run on CPU with the torch backend standing in for the kernel: near zero
+    for a correct op, large for a wrong one (here: the op with its output scaled)."""
+    from infctx import ops
+    from infctx.ops import doctor
+
+    naive = getattr(ops, f"wkv{version}_naive")
+    assert doctor.tiny_check(ops.get_wkv(version, "torch"), naive, version, T=7, device="cpu") < 1e-5
+
+    def wrong(*args):
+        y, s = naive(*args)
+        return y * 1.01, s
+
+    assert doctor.tiny_check(wrong, naive, version, T=7, device="cpu") > 1e-3

@@ -75,9 +75,12 @@ def build_and_test(cfg: cb.BuildConfig) -> bool:
     return good
 
 
-def tiny_check(op, ref, version: int, B: int = 2, T: int = 21, H: int = 2, N: int = 64) -> float:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda") * 0.5  # noqa: E731
+def tiny_check(op, ref, version: int, B: int = 2, T: int = 21, H: int = 2, N: int = 64,
+               device: str = "cuda") -> float:
+    """Worst rel. RMS over y, sT and every gradient (incl. ds0, with a random dsT) of `op` in fp32 vs `ref` in
+    float64, on one small random problem."""
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, device=device) * 0.5  # noqa: E731
     seq = dict(r=rnd(B, T, H, N), w=rnd(B, T, H, N), k=rnd(B, T, H, N), v=rnd(B, T, H, N))
     if version == 7:
         kappa = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
@@ -91,7 +94,7 @@ def tiny_check(op, ref, version: int, B: int = 2, T: int = 21, H: int = 2, N: in
     worst = 0.0
     outs = []
     for fn, dtype in ((op, torch.float32), (ref, torch.float64)):
-        leaves = [t.to(dtype).requires_grad_(True) for t in seq.values()]
+        leaves = [t.detach().to(dtype).clone().requires_grad_(True) for t in seq.values()]
         y, sT = fn(*leaves)
         torch.autograd.backward([y, sT], [gy.to(dtype), gs.to(dtype)])
         outs.append([y.detach(), sT.detach(), *[t.grad for t in leaves]])
