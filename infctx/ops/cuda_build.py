@@ -14,6 +14,7 @@ import functools
 import hashlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+log = logging.getLogger(__name__)
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 SOURCES = {7: ("wkv7.cu", "wkv7_op.cpp"), 6: ("wkv6.cu", "wkv6_op.cpp"), 5: ("wkv5.cu", "wkv5_op.cpp")}
 HEADERS = ("wkv_common.cuh", "wkv_check.h", "wkv56_kernels.cuh")
@@ -190,6 +192,7 @@ def _build(version: int, head_size: int, capability: tuple[int, int], cfg: Build
         stale = build_dir / "lock"  # torch's own baton, left behind if an earlier build was killed
         if stale.exists():
             stale.unlink()
+        log.warning("wkv cuda: building %s into %s (first use of this kernel; about a minute)", name, build_dir)
         try:
             module = load(name=name, sources=[str(CUDA_DIR / s) for s in SOURCES[version]],
                           extra_cuda_cflags=build_flags(head_size, capability),
