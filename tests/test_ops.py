@@ -200,13 +200,19 @@ def test_registry_unavailable_backend_and_auto(monkeypatch):
     reg = registry.Registry()
     monkeypatch.setattr(registry, "REGISTRY", reg)
     registry.register(7, "torch", wkv7_chunked)
-    registry.register(7, "cuda", wkv7_naive, available=lambda: "no CUDA device")
+    registry.register(7, "cuda", wkv7_naive, available=lambda head_size: "no CUDA device")
     with pytest.raises(RuntimeError, match="'cuda' for RWKV-7 is unavailable: no CUDA device"):
         get_wkv(7, "cuda")
     assert resolve_backend("auto", "cuda") == "torch"
     registry.register(7, "cuda", wkv7_naive)
     assert resolve_backend("auto", "cuda") == "cuda"
     assert resolve_backend("auto", "cpu") == "torch"
+    registry.register(7, "cuda", wkv7_naive,
+                      available=lambda head_size: None if head_size in (64, 128) else f"head size {head_size}")
+    assert resolve_backend("auto", "cuda", 7, head_size=64) == "cuda"
+    assert resolve_backend("auto", "cuda", 7, head_size=32) == "torch"
+    with pytest.raises(RuntimeError, match="head size 32"):
+        resolve_backend("cuda", "cuda", 7, head_size=32)
 
 
 def test_fla_backend_reports_why_it_is_unavailable():

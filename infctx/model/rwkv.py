@@ -94,9 +94,9 @@ class RWKV(nn.Module):
         if key not in self._wkv_ops:
             from infctx import ops
 
-            name = ops.resolve_backend(self.cfg.wkv_backend, torch.device(device), version=self.cfg.version)
+            name = ops.resolve_backend(self.cfg.wkv_backend, torch.device(device), self.cfg.version, self.cfg.head_size)
             log.info("RWKV-%d WKV backend on %s: %s (asked for %r)", self.cfg.version, key, name, self.cfg.wkv_backend)
-            self._wkv_ops[key] = ops.get_wkv(self.cfg.version, name)
+            self._wkv_ops[key] = ops.get_wkv(self.cfg.version, name, self.cfg.head_size)
         return self._wkv_ops[key]
 
     def zero_state(self, batch: int) -> State:

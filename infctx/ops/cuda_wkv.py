@@ -168,4 +168,4 @@ def availability(version: int, head_size: int = 64) -> str | None:
 
 
 for _version, _fn in ((5, wkv5_cuda), (6, wkv6_cuda), (7, wkv7_cuda)):
-    registry.register(_version, "cuda", _fn, lambda version=_version: availability(version))
+    registry.register(_version, "cuda", _fn, lambda head_size, version=_version: availability(version, head_size))

@@ -15,7 +15,7 @@ from ._common import wkv6_log_decay, wkv7_log_decay
 from .wkv6 import _time_constant
 
 
-def fla_available() -> str | None:
+def fla_available(head_size: int = 64) -> str | None:
     """None when fla can run here, else why not."""
     if importlib.util.find_spec("fla") is None:
         return "flash-linear-attention is not installed (pip install fla-core)"

@@ -21,10 +21,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of one WKV version; `available()` returns None when usable, else the reason."""
+    """One implementation of one WKV version; `available(head_size)` returns None when usable, else the reason."""
 
     fn: Callable
-    available: Callable[[], str | None]
+    available: Callable[[int], str | None]
 
 
 class Registry:
@@ -36,7 +36,7 @@ class Registry:
         self._plugin_errors: list[str] = []
 
     def register(self, version: int, name: str, fn: Callable,
-                 available: Callable[[], str | None] = lambda: None) -> None:
+                 available: Callable[[int], str | None] = lambda head_size: None) -> None:
         if version not in VERSIONS:
             raise ValueError(f"wkv registry: version {version!r} is not one of {VERSIONS}")
         self._ops[(version, name)] = Backend(fn, available)
@@ -74,22 +74,24 @@ class Registry:
 REGISTRY = Registry()
 
 
-def register(version: int, name: str, fn: Callable, available: Callable[[], str | None] = lambda: None) -> None:
-    """Add (or replace) backend `name` for RWKV-`version`."""
+def register(version: int, name: str, fn: Callable,
+             available: Callable[[int], str | None] = lambda head_size: None) -> None:
+    """Add (or replace) backend `name` for RWKV-`version`; `available(head_size)` says why it can't run, or None."""
     REGISTRY.register(version, name, fn, available)
 
 
-def get_wkv(version: int, backend: str = "torch") -> Callable:
+def get_wkv(version: int, backend: str = "torch", head_size: int = 64) -> Callable:
     """The op for RWKV-`version` from `backend`; raises with one clear line if unknown or unusable here."""
     op = REGISTRY.lookup(version, backend)
-    reason = op.available()
+    reason = op.available(head_size)
     if reason is not None:
         raise RuntimeError(f"wkv: backend {backend!r} for RWKV-{version} is unavailable: {reason}")
     return op.fn
 
 
-def resolve_backend(name: str, device: torch.device | str, version: int = 7) -> str:
-    """Turn "auto" into a concrete backend: "cuda" on a CUDA device when its kernel is usable, else "torch".
+def resolve_backend(name: str, device: torch.device | str, version: int = 7, head_size: int = 64) -> str:
+    """Turn "auto" into a concrete backend: "cuda" on a CUDA device when its kernel is usable (for this head
+    size too), else "torch".
 
     A concrete name is checked (known and available) and returned unchanged.
     """
@@ -97,10 +99,10 @@ def resolve_backend(name: str, device: torch.device | str, version: int = 7) -> 
     if name == "auto":
         if device.type == "cuda":
             try:
-                get_wkv(version, "cuda")
+                get_wkv(version, "cuda", head_size)
                 return "cuda"
             except (ValueError, RuntimeError) as err:
                 log.info("wkv: falling back to the torch backend (%s)", err)
         return "torch"
-    get_wkv(version, name)
+    get_wkv(version, name, head_size)
     return name

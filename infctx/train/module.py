@@ -386,7 +386,7 @@ class InfctxModule(pl.LightningModule):
             offload = " + CPU offload" if zero.get("offload_optimizer", {}).get("device") == "cpu" else ""
             strategy += f" (ZeRO-{zero.get('stage', 0)}{offload})"
         try:
-            backend = resolve_backend(self.arch.wkv_backend, self.device, self.arch.version)
+            backend = resolve_backend(self.arch.wkv_backend, self.device, self.arch.version, self.arch.head_size)
         except (ValueError, RuntimeError) as err:
             backend = f"unavailable ({err})"
         return [
