@@ -107,7 +107,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv or [])
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:  # callers in the same process (tests, notebooks) keep their own thread count
+        torch.set_num_threads(threads_before)
+
+
+def run(args: argparse.Namespace) -> int:
     task = RecallTask(segment_len=args.segment_len, n_segments=args.segments)
     print(f"recall a key seen {task.length - task.segment_len}+ tokens ({task.n_segments - 1} segment boundaries) earlier; "
           f"{task.n_keys} keys -> chance accuracy {1 / task.n_keys:.3f}; RWKV-7 L={args.n_layer} C={args.n_embd}, "

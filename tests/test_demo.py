@@ -25,8 +25,10 @@ def test_recall_task_layout():
 
 
 def test_demo_smoke(capsys):
+    threads = torch.get_num_threads()
     rc = demo.main(["--steps", "2", "--batch", "4", "--eval-size", "8", "--segments", "2", "--segment-len", "8",
-                    "--n-embd", "32", "--log-every", "1"])
+                    "--n-embd", "32", "--log-every", "1", "--threads", str(threads + 1)])
     out = capsys.readouterr().out
     assert rc == 0
+    assert torch.get_num_threads() == threads  # the caller's thread count is restored
     assert "full" in out and "truncated" in out and "eval accuracy" in out
