@@ -121,10 +121,13 @@ class BPTTEngine:
         state = self._initial_state(inputs, state)
         bounds = self._bounds(inputs.shape[1])
         l2 = 1e-4 / inputs.numel() if self.cfg.l2wrap else 0.0  # RWKV-LM: 1e-4 / (B*T) of the whole sequence
-        run = self._full if self.cfg.mode == "full" else self._truncated
-        loss, final = run(inputs, targets, weights, state, bounds, loss_scale, l2)
         n_pad = max(0, min_segments - len(bounds))
-        self._padding(inputs.shape[0], final, n_pad, loss_scale)
+        full = self.cfg.mode == "full"
+        if full:  # full mode runs (n-1) gradient-free forwards before its first backward: padding joins that count
+            self._padding(inputs.shape[0], state, n_pad, loss_scale, with_grad=False)
+        run = self._full if full else self._truncated
+        loss, final = run(inputs, targets, weights, state, bounds, loss_scale, l2)
+        self._padding(inputs.shape[0], final, n_pad, loss_scale, with_grad=True)
         return StepResult(loss, n_tokens, len(bounds) + n_pad, final)
 
     @torch.no_grad()
@@ -181,16 +184,20 @@ class BPTTEngine:
                 group, state = None, state.detach()
         return total, state
 
-    def _padding(self, batch: int, state: State, n_pad: int, loss_scale: float) -> None:
-        """Zero-weight segments, graph-connected to every parameter, so backward hooks fire exactly as for real ones."""
+    def _padding(self, batch: int, state: State, n_pad: int, loss_scale: float, with_grad: bool) -> None:
+        """Zero-weight segments, graph-connected to every parameter, so backward hooks fire exactly as for real ones.
+
+        with_grad=False runs only their gradient-free forwards (full mode's boundary pass), so a padded rank makes the
+        same sequence of forwards and backwards (and so of ZeRO-3 gathers) as a rank with that many real segments."""
         L = self.cfg.segment_len
         device = self.model.emb.weight.device
         tokens = torch.zeros(batch, L, dtype=torch.long, device=device)
         zero_w = torch.zeros(batch, L, dtype=self._weight_dtype(), device=device)
         for _ in range(n_pad):
-            with torch.enable_grad():
+            with torch.set_grad_enabled(with_grad):
                 loss, _ = self._segment(tokens, tokens, zero_w, state.detach(), 0.0)
-            self.backward(loss * loss_scale)
+            if with_grad:
+                self.backward(loss * loss_scale)
 
     # ---- one segment --------------------------------------------------------------------------------------------
     def _segment(self, inputs, targets, weights, state, l2) -> tuple[Tensor, State]:

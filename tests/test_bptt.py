@@ -116,6 +116,27 @@ def test_scaled_backward_callable_and_padding_segments():
     _assert_grads_equal(grads, {n: g * 0.5 for n, g in ref_grads.items()})
 
 
+def _call_pattern(model, cfg, inputs, targets, mask, **kw) -> str:
+    """The engine's sequence of model forwards (F: with grad, f: without) and backward calls (B)."""
+    events = []
+    hook = model.emb.register_forward_hook(lambda *_: events.append("F" if torch.is_grad_enabled() else "f"))
+    BPTTEngine(model, cfg, lambda t: (events.append("B"), t.backward())).forward_backward(inputs, targets, mask, **kw)
+    hook.remove()
+    return "".join(events)
+
+
+def test_padding_segments_repeat_the_call_pattern_of_real_ones():
+    """Under ZeRO-3 every forward and backward gathers parameters, so a rank padded up to n segments must call them in
+    the same order as a rank with n real segments, or the ranks' collectives would not line up."""
+    model = tiny_model(7, seed=1)
+    inputs, targets, mask = _batch(2)
+    cfg = BPTTConfig(segment_len=6)  # T=23: 4 real segments
+    real = _call_pattern(model, cfg, inputs, targets, mask)
+    assert real == "fff" + "FB" * 4
+    short = _call_pattern(model, cfg, inputs[:, :12], targets[:, :12], mask[:, :12], min_segments=4)  # 2 real + 2 pad
+    assert short == real
+
+
 @pytest.mark.parametrize("every", (1, 2))
 def test_truncated_equals_manual_detach(every):
     model = tiny_model(7, seed=4, dtype=torch.float64)
