@@ -185,7 +185,17 @@ def load_pth(path: str | os.PathLike, cfg: ModelConfig | None = None) -> dict[st
     """
     weights, _ = split_time_state(read_tensors(path))
     cfg = config_for(weights, cfg, str(path))
-    check_shapes(expected_shapes(cfg), weights, str(path))
+    expected = expected_shapes(cfg)
+    check_shapes(expected, fill_unused_value_residual(weights, expected), str(path))
+    return weights
+
+
+def fill_unused_value_residual(weights: dict[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> dict:
+    """RWKV-7 layer 0 owns v0/v1/v2 but never reads them (it defines v_first); converters that strip them leave a
+    file RWKV-LM itself still loads, so add zeros in place of the missing ones (in `weights`, which is returned)."""
+    for name in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"):
+        if name in expected and name not in weights and "blocks.0.att.r_k" in weights:
+            weights[name] = torch.zeros(expected[name], dtype=weights["blocks.0.att.r_k"].dtype)
     return weights
 
 

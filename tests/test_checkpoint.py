@@ -107,6 +107,20 @@ def test_loaded_model_never_writes_back_to_the_mapped_file(tmp_path):
     assert torch.equal(read_tensors(out)["emb.weight"], before)
 
 
+def test_rwkv7_file_without_layer0_value_residual_loads(tmp_path):
+    """Layer 0 never reads att.v0/v1/v2 (it defines v_first); a file stripped of them loads with the same logits."""
+    model = noisy_model(7)
+    stripped = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+    weights = {k: v.clone() for k, v in model.state_dict().items() if k not in stripped}
+    assert len(weights) == len(model.state_dict()) - 3
+    torch.save(weights, tmp_path / "stripped.pth")
+    loaded = load_model(tmp_path / "stripped.pth", wkv_backend="torch").eval()
+    assert torch.count_nonzero(loaded.blocks[0].att.v1) == 0 and loaded.cfg.d_mv_lora == model.cfg.d_mv_lora
+    idx = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], model(idx)[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cfg", [
     ModelConfig(version=5, n_layer=3, n_embd=128, vocab_size=300, head_size=32, dim_ffn=256),
     ModelConfig(version=6, n_layer=2, n_embd=256, vocab_size=70, head_size=64, dim_att=128, d_mix_lora=16,
