@@ -101,6 +101,7 @@ class InfctxModule(pl.LightningModule):
             return
         if self._zero3():
             self.model = RWKV(self.arch, init_weights=False)  # partitioned placeholders; filled from rank 0
+            zero3_leaf_blocks(self.model)
             self._fill_partitioned(self.model)
         elif self.init_from:
             self.model = RWKV(self.arch, init_weights=False)
@@ -199,7 +200,8 @@ class InfctxModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self._disable_ddp_reducer()
         inputs, targets, mask = batch["input_ids"], batch["targets"], batch.get("mask")
-        counted = float(mask.sum()) if mask is not None else float(inputs.numel())
+        # float64 sum: under DeepSpeed bf16 Lightning hands us the mask in bf16, whose sum of ones is exact only to 256
+        counted = float(mask.sum(dtype=torch.float64)) if mask is not None else float(inputs.numel())
         counted_global = counted
         if self.trainer.world_size > 1:
             # Ranks agree on the length (max) and the global counted-token total (sum). Shorter batches are padded
@@ -331,7 +333,7 @@ class InfctxModule(pl.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         mask = batch.get("mask")
         result = self.engine.evaluate(batch["input_ids"], batch["targets"], mask)
-        counted = float(mask.sum()) if mask is not None else float(batch["targets"].numel())
+        counted = float(mask.sum(dtype=torch.float64)) if mask is not None else float(batch["targets"].numel())
         self._val += torch.tensor([float(result.loss) * counted, counted], dtype=torch.float64, device=self.device)
 
     def on_validation_epoch_end(self) -> None:
@@ -404,6 +406,15 @@ class InfctxModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
             print("infctx fit\n  " + "\n  ".join(self.summary_lines()), flush=True)
+
+
+def zero3_leaf_blocks(model: RWKV) -> None:
+    """Under ZeRO-3, gather each block's parameters as one unit (DeepSpeed "leaf" modules). DeepSpeed otherwise fetches
+    a module's own parameters only when that module's forward runs, so block code that reads a submodule's weight
+    directly (e.g. `self.key.weight` handed to a fused region) would get the empty partition placeholder."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, sorted({type(b) for b in model.blocks}, key=lambda c: c.__qualname__))
 
 
 def _pad_to(inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None, length: int):
