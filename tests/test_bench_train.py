@@ -155,3 +155,36 @@ def test_targets_verdicts_by_hand():
     four_m = bt.four_m_target(res)
     assert four_m["verdict"] == "not measured"
     assert four_m["measured"] == "not run; predicted from the 1M row: 49.0 GiB peak, 210 s/step"
+
+
+@pytest.fixture
+def dynamo_trace_only(monkeypatch):
+    """fused.compiled through dynamo with the 'eager' backend: the fused code path (fullgraph capture, guards,
+    recompiles) without inductor's minute of C++ builds on this CPU; numerics are checked in test_fused.py."""
+    import functools
+
+    from infctx.model import fused
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(fused, "compiled", functools.cache(
+        lambda region: torch.compile(region, fullgraph=True, backend="eager")))
+    yield
+    torch._dynamo.reset()
+
+
+def test_fuse_before_after_rows_and_table(dynamo_trace_only):
+    cfg = bt.BenchConfig(models=(TINY,), seq_lens=(64,), modes=("full",), segment_len=32, batch=2, min_time_s=0.0,
+                         backend="torch", fuses=("off", "compile"), device="cpu", amp=False, peak_tflops=1.0)
+    res = bt.run(cfg)
+    assert [(r["fuse"], r["T"], r["B"]) for r in res["rows"]] == [("off", 64, 2), ("compile", 64, 2)]
+    assert all("tokens_per_s" in r for r in res["rows"]) and res["settings"]["fuse"] == ["off", "compile"]
+    (lever,) = bt.fuse_lever(res)
+    off, on = res["rows"]
+    assert lever["speedup"] == pytest.approx(on["tokens_per_s"] / off["tokens_per_s"], rel=1e-12)
+    assert lever["peak_ratio"] is None  # CPU: no allocator peak
+    md = bt.markdown(res)
+    assert "| tiny | 64 | full | 2 | 2 | off |" in md and "| tiny | 64 | full | 2 | 2 | compile |" in md
+    assert "## Fusion lever" in md and "| tiny | 64 | full | 2 |" in md.split("## Fusion lever")[1]
+    old = dict(off)
+    del old["fuse"]  # a row written before the option counts as fuse=off
+    assert bt._key(old) == bt._key(off)

@@ -13,6 +13,11 @@ and takes the largest B whose segment plus carried boundary states fit 85% of th
 with T, so the same B fills memory at every length. `--max-step-tokens` caps B x T of the longest row so a run fits
 a time budget: all lengths then share the smaller B (ratios stay like for like) and 4k rows at the filling batch
 are added for the throughput targets.
+
+Fusion lever: `--fuse off compile` measures every row twice, with ModelConfig.fuse off (plain PyTorch) and compile
+(the non-WKV elementwise regions through torch.compile, infctx.model.fused), on fresh models of identical weights and
+the same batch (the first setting's fill), and adds a before/after table (tokens/s and peak memory ratios). Compile
+time is kept out of the measurements: a fused row first runs one untimed step of its shape.
 """
 
 from __future__ import annotations
@@ -55,9 +60,9 @@ class ModelSpec:
     n_embd: int
     vocab_size: int = 65536
 
-    def config(self, backend: str) -> ModelConfig:
+    def config(self, backend: str, fuse: str = "off") -> ModelConfig:
         return ModelConfig(version=7, n_layer=self.n_layer, n_embd=self.n_embd, vocab_size=self.vocab_size,
-                           wkv_backend=backend)
+                           wkv_backend=backend, fuse=fuse)
 
 
 MODELS = {"0.1b": ModelSpec("0.1b", 12, 768), "1.5b": ModelSpec("1.5b", 24, 2048)}
@@ -77,6 +82,7 @@ class BenchConfig:
     profile_max_len: int = 16384  # profile one step of rows with T up to this ...
     profile_max_tokens: int = 2**17  # ... and B x T up to this (a profiled step is slow to record and parse)
     backend: str = "cuda"
+    fuses: tuple[str, ...] = ("off",)  # ModelConfig.fuse settings to measure, each on every row ("off", "compile")
     device: str = "cuda"
     amp: bool = True  # bf16 autocast (the trainer's bf16-mixed)
     peak_tflops: float | None = None  # None = from the GPU name
@@ -162,14 +168,14 @@ def plan_rows(cfg: BenchConfig, fill: int) -> list[dict]:
 
 
 class Bench:
-    """One model with its optimizer and engine; measures rows on it."""
+    """One model (one fuse setting) with its optimizer and engine; measures rows on it."""
 
-    def __init__(self, spec: ModelSpec, cfg: BenchConfig):
-        self.spec, self.cfg = spec, cfg
+    def __init__(self, spec: ModelSpec, cfg: BenchConfig, fuse: str = "off"):
+        self.spec, self.cfg, self.fuse = spec, cfg, fuse
         self.device = torch.device(cfg.device)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same weights for every fuse setting
         with self.device:
-            self.model = RWKV(spec.config(cfg.backend))
+            self.model = RWKV(spec.config(cfg.backend, fuse))
         self.params_total, self.params = count_params(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5, weight_decay=0.0,
                                      fused=self.device.type == "cuda")
@@ -214,6 +220,8 @@ class Bench:
     def measure(self, row: dict, peak_tflops: float | None, remaining_s: float) -> dict:
         B, T, mode = row["B"], row["T"], row["mode"]
         T_warm = min(T, 2 * self.cfg.segment_len)
+        if self.fuse != "off":  # compile this shape's graphs (gradient-free pass and recompute) outside the timing
+            self.step(B, T_warm, mode)
         warm = self.timed_step(B, T_warm, mode)
         est_step = warm * T / T_warm
         profile = self.cfg.device == "cuda" and T <= self.cfg.profile_max_len and B * T <= self.cfg.profile_max_tokens
@@ -264,31 +272,34 @@ def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -
     res = res or dict(rows=[], models={})
     res.update(gpu=gpu, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
                cuda=torch.version.cuda, git=_git_describe(), peak_bf16_tflops=peak,
-               settings=dict(segment_len=cfg.segment_len, backend=cfg.backend, amp_bf16=cfg.amp,
+               settings=dict(segment_len=cfg.segment_len, backend=cfg.backend, amp_bf16=cfg.amp, fuse=list(cfg.fuses),
                              optimizer="AdamW (fp32 state" + (", fused)" if cuda else ")"),
                              max_step_tokens=cfg.max_step_tokens,
                              batch=cfg.batch or "fill", budget_s=cfg.budget_s))
     if cfg.batch is None and not cuda:
         raise ValueError("BenchConfig.batch: measuring the memory-filling batch needs a CUDA device; give a batch")
-    for i, spec in enumerate(cfg.models):
+    runs = [(spec, fuse) for spec in cfg.models for fuse in cfg.fuses]
+    B_fill: dict[str, int] = {}
+    for i, (spec, fuse) in enumerate(runs):
         now = time.perf_counter()
-        model_deadline = now + (cfg.budget_s - (now - start)) / (len(cfg.models) - i)
-        bench = Bench(spec, cfg)
-        info = dict(n_layer=spec.n_layer, n_embd=spec.n_embd, vocab=spec.vocab_size,
-                    params_total=bench.params_total, params_matmul=bench.params,
-                    seq_lens=list(cfg.seq_lens), max_step_tokens=cfg.max_step_tokens,
-                    budget_s=round(model_deadline - now, 1),
-                    state_row_mib=state_bytes_per_row(bench.model.cfg) / 2**20)
-        if cfg.batch is None:
-            info.update(bench.fill())
-        B_fill = cfg.batch or info["fill_batch"]
-        res["models"][spec.name] = info
-        on_update(res)
-        for row in plan_rows(cfg, B_fill):
-            row = dict(model=spec.name, **row)
-            print(f"train {spec.name} T={fmt_len(row['T'])} B={row['B']} {row['mode']} ...", flush=True)
+        run_deadline = now + (cfg.budget_s - (now - start)) / (len(runs) - i)
+        bench = Bench(spec, cfg, fuse)
+        if spec.name not in B_fill:  # the first fuse setting of a model measures the batch; the others reuse it
+            info = dict(n_layer=spec.n_layer, n_embd=spec.n_embd, vocab=spec.vocab_size,
+                        params_total=bench.params_total, params_matmul=bench.params,
+                        seq_lens=list(cfg.seq_lens), max_step_tokens=cfg.max_step_tokens,
+                        budget_s=round(run_deadline - now, 1),
+                        state_row_mib=state_bytes_per_row(bench.model.cfg) / 2**20)
+            if cfg.batch is None:
+                info.update(bench.fill())
+            B_fill[spec.name] = cfg.batch or info["fill_batch"]
+            res["models"][spec.name] = info
+            on_update(res)
+        for row in plan_rows(cfg, B_fill[spec.name]):
+            row = dict(model=spec.name, fuse=fuse, **row)
+            print(f"train {spec.name} T={fmt_len(row['T'])} B={row['B']} {row['mode']} fuse={fuse} ...", flush=True)
             try:
-                row.update(bench.measure(row, peak, model_deadline - time.perf_counter()))
+                row.update(bench.measure(row, peak, run_deadline - time.perf_counter()))
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "out of memory"
                 bench.opt.zero_grad(set_to_none=True)
@@ -302,8 +313,17 @@ def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -
     return res
 
 
+def _fuse(row: dict) -> str:
+    return row.get("fuse", "off")  # rows written before the fuse option ran the plain path
+
+
 def _key(row: dict) -> tuple:
-    return row["model"], row["T"], row["mode"], row["B"]
+    return row["model"], row["T"], row["mode"], row["B"], _fuse(row)
+
+
+def _tag(row: dict) -> str:
+    """'B=4', or 'B=4, fuse=compile' for a row of the fused model."""
+    return f"B={row['B']}" + (f", fuse={_fuse(row)}" if _fuse(row) != "off" else "")
 
 
 def _git_describe() -> str | None:
@@ -318,7 +338,8 @@ def _git_describe() -> str | None:
 
 def _find(rows: list[dict], **want) -> dict | None:
     """The measured row matching `want` with the most tokens/s (4k rows of both modes are the same step)."""
-    hits = [r for r in rows if "tokens_per_s" in r and all(r.get(k) == v for k, v in want.items())]
+    get = lambda r, k: _fuse(r) if k == "fuse" else r.get(k)  # noqa: E731
+    hits = [r for r in rows if "tokens_per_s" in r and all(get(r, k) == v for k, v in want.items())]
     return max(hits, key=lambda r: r["tokens_per_s"], default=None)
 
 
@@ -331,21 +352,21 @@ def targets(res: dict) -> list[dict]:
 
     r = _find(rows, model="0.1b", T=4096)
     v = r["tokens_per_s"] if r else None
-    out.append(dict(target="0.1B tokens/s at 4k", measured=v and f"{v:,.0f} (B={r['B']})", threshold=">= 200,000",
+    out.append(dict(target="0.1B tokens/s at 4k", measured=v and f"{v:,.0f} ({_tag(r)})", threshold=">= 200,000",
                     verdict=verdict(v, v is not None and v >= 200e3)))
     r = _find(rows, model="1.5b", T=4096)
     v = r["mfu"] if r and r.get("mfu") is not None else None
-    out.append(dict(target="1.5B MFU at 4k", measured=v and f"{v:.1%} (B={r['B']})", threshold=">= 45%",
+    out.append(dict(target="1.5B MFU at 4k", measured=v and f"{v:.1%} ({_tag(r)})", threshold=">= 45%",
                     verdict=verdict(v, v is not None and v >= 0.45)))
     for model in ("0.1b", "1.5b"):
         for mode, need in (("truncated", 0.95), ("full", 0.7)):
             long = _find(rows, model=model, T=2**20, mode=mode)
-            base = long and _find(rows, model=model, T=4096, B=long["B"])
+            base = long and _find(rows, model=model, T=4096, B=long["B"], fuse=_fuse(long))
             v = long["tokens_per_s"] / base["tokens_per_s"] if long and base else None
             out.append(dict(target=f"{model} {mode} BPTT tokens/s at 1M / at 4k (same B)",
-                            measured=v and f"{v:.3f} (B={long['B']})", threshold=f">= {need}",
+                            measured=v and f"{v:.3f} ({_tag(long)})", threshold=f">= {need}",
                             verdict=verdict(v, v is not None and v >= need)))
-            mid = long and _find(rows, model=model, T=16384, mode=mode, B=long["B"])
+            mid = long and _find(rows, model=model, T=16384, mode=mode, B=long["B"], fuse=_fuse(long))
             v = long["peak_gib"] / mid["peak_gib"] if long and mid and "peak_gib" in long else None
             out.append(dict(target=f"{model} {mode} peak memory at 1M / at 16k (same B)",
                             measured=v and f"{v:.3f} ({long['peak_gib']:.1f} / {mid['peak_gib']:.1f} GiB)",
@@ -398,28 +419,56 @@ def markdown(res: dict) -> str:
         lines.append(f"| {name} (L{m['n_layer']} D{m['n_embd']} V{m['vocab']}) | {m['params_total'] / 1e6:.1f}M "
                      f"({m['params_matmul'] / 1e6:.1f}M) | {gib(m, 'base_gib')} | {gib(m, 'per_row_gib')} | "
                      f"{m.get('fill_batch', s['batch'])} |")
-    lines += ["", "| model | T | mode | B | segments | s/step | tokens/s | MFU | peak GiB | WKV | matmul | "
-              "elementwise | copy | GPU busy |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(res["rows"], key=lambda r: (r["model"], r["T"], r["B"], r["mode"])):
+    lines += ["", "| model | T | mode | B | segments | fuse | s/step | tokens/s | MFU | peak GiB | WKV | matmul | "
+              "elementwise | copy | GPU busy |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: (r["model"], r["T"], r["B"], r["mode"], _fuse(r) != "off")):
         head = f"| {r['model']} | {fmt_len(r['T'])} | {r['mode']} | {r['B']}{' fill' if r.get('fill') else ''} |"
         if "tokens_per_s" not in r:
-            lines.append(f"{head} {r.get('error') or r.get('skipped')} ||||||||||")
+            lines.append(f"{head} | {_fuse(r)} | {r.get('error') or r.get('skipped')} |||||||||")
             continue
         p = r.get("profile")
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
         mem = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
         busy = f"{p['gpu_busy']:.0%}" if p and "gpu_busy" in p else ""
-        lines.append(f"{head} {r['segments']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | "
-                     f"{_pct(p, 'wkv')} | {_pct(p, 'matmul')} | {_pct(p, 'elementwise')} | {_pct(p, 'copy')} | "
-                     f"{busy} |")
+        lines.append(f"{head} {r['segments']} | {_fuse(r)} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+                     f"{mem} | {_pct(p, 'wkv')} | {_pct(p, 'matmul')} | {_pct(p, 'elementwise')} | "
+                     f"{_pct(p, 'copy')} | {busy} |")
     lines += ["", "Kernel shares: one profiled step (torch.profiler, CUDA kernel time by name: WKV = our wkv "
               "kernels, matmul = cuBLAS/CUTLASS/nvjet, copy = memcpy/memset, elementwise = everything else incl. "
-              "norms, reductions and cross-entropy); GPU busy = summed kernel time / the profiled step's wall time.",
+              "norms, reductions and cross-entropy, and the compiled regions' fused kernels); GPU busy = summed "
+              "kernel time / the profiled step's wall time.",
               "", "## Targets (issue 7, stated for H100)", "", "| target | measured | threshold | result |",
               "|---|---|---|---|"]
     for t in targets(res):
         lines.append(f"| {t['target']} | {t['measured'] or '—'} | {t['threshold']} | {t['verdict']} |")
+    lever = fuse_lever(res)
+    if lever:
+        lines += ["", "## Fusion lever (ModelConfig.fuse: compile vs off, same rows)", "",
+                  "| model | T | mode | B | tokens/s off | tokens/s compile | speedup | peak GiB off | "
+                  "peak GiB compile | peak ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in lever:
+            ratio = f"{r['peak_ratio']:.3f}" if r["peak_ratio"] is not None else ""
+            peak = lambda v: f"{v:.2f}" if v is not None else ""  # noqa: E731
+            lines.append(f"| {r['model']} | {fmt_len(r['T'])} | {r['mode']} | {r['B']} | {r['tok_s_off']:,.0f} | "
+                         f"{r['tok_s_compile']:,.0f} | {r['speedup']:.3f} | {peak(r['peak_off'])} | "
+                         f"{peak(r['peak_compile'])} | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def fuse_lever(res: dict) -> list[dict]:
+    """Rows measured both with fuse off and compile (same model, T, mode, B): tokens/s speedup and peak ratio."""
+    done = {_key(r): r for r in res["rows"] if "tokens_per_s" in r}
+    out = []
+    for (model, T, mode, B, fuse), on in sorted(done.items()):
+        off = done.get((model, T, mode, B, "off"))
+        if fuse == "off" or off is None:
+            continue
+        p_off, p_on = off.get("peak_gib"), on.get("peak_gib")
+        out.append(dict(model=model, T=T, mode=mode, B=B, tok_s_off=off["tokens_per_s"],
+                        tok_s_compile=on["tokens_per_s"], speedup=on["tokens_per_s"] / off["tokens_per_s"],
+                        peak_off=p_off, peak_compile=p_on,
+                        peak_ratio=p_on / p_off if p_off and p_on is not None else None))
+    return out
 
 
 def plots(res: dict, out_dir: Path) -> list[Path]:
@@ -436,7 +485,7 @@ def plots(res: dict, out_dir: Path) -> list[Path]:
         groups: dict[str, list[dict]] = {}
         for r in res["rows"]:
             if key in r:
-                groups.setdefault(f"{r['model']} {r['mode']} B={r['B']}", []).append(r)
+                groups.setdefault(f"{r['model']} {r['mode']} {_tag(r)}", []).append(r)
         for name, rs in sorted(groups.items()):
             rs.sort(key=lambda r: r["T"])
             ax.plot([r["T"] for r in rs], [r[key] for r in rs], marker="o", label=name)
@@ -486,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=BenchConfig.budget_s, help="wall-clock budget for the run")
     p.add_argument("--segment-len", type=int, default=BenchConfig.segment_len)
     p.add_argument("--backend", default=BenchConfig.backend, help="WKV backend (default cuda)")
+    p.add_argument("--fuse", nargs="+", choices=("off", "compile"), default=list(BenchConfig.fuses),
+                   help="ModelConfig.fuse settings, each measured on every row; 'off compile' = before/after")
     p.add_argument("--profile-max-tokens", type=parse_len, default=BenchConfig.profile_max_tokens,
                    help="profile rows with B x T up to this")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak, if the GPU name is not in the table")
@@ -508,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BenchConfig(models=tuple(MODELS[m] for m in args.models), seq_lens=tuple(args.seq_lens),
                       modes=tuple(args.modes), segment_len=args.segment_len, batch=args.batch,
                       max_step_tokens=args.max_step_tokens, budget_s=args.budget_s, backend=args.backend,
+                      fuses=tuple(args.fuse),
                       profile_max_tokens=args.profile_max_tokens,
                       peak_tflops=args.peak_tflops)
     res = run(cfg, lambda r: save(r, args.out), res=prior if args.merge else None)

@@ -6,10 +6,13 @@ parametrised (v5 time_mix_*: weight of the current token; v6 time_maa_*: weight 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-from infctx.model.common import channel_ramp, fill_, init_projection, layer_ratios, token_shift
+from infctx.model import fused
+from infctx.model.common import channel_ramp, fill_, init_projection, layer_ratios
 from infctx.model.config import ModelConfig
 
 
@@ -17,6 +20,7 @@ class ChannelMixV7(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id, self.n_layer = layer_id, cfg.n_layer
+        self.fuse = cfg.fuse
         self.x_k = nn.Parameter(torch.empty(1, 1, cfg.n_embd))
         self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
@@ -29,16 +33,20 @@ class ChannelMixV7(nn.Module):
         init_projection(self.value, 0.0)
 
     def forward(self, x: Tensor, shift: Tensor) -> Tensor:
-        k = x + (token_shift(x, shift) - x) * self.x_k
-        return self.value(torch.relu(self.key(k)) ** 2)
+        run = fused.runner(self.fuse, x)
+        return run(fused.v7_channel_mix, x, shift, self.x_k, self.key.weight, self.value.weight)
 
 
 class GatedChannelMix(nn.Module):
-    """RWKV-5/6 FFN: sigmoid(receptance(xr)) * value(relu(key(xk))^2). Subclasses define the two mixes."""
+    """RWKV-5/6 FFN: sigmoid(receptance(xr)) * value(relu(key(xk))^2). Subclasses name the two mixes (k, r), their
+    init, and the fused region that applies them (infctx.model.fused.v5/v6_channel_mix)."""
+
+    region: Callable
 
     def __init__(self, cfg: ModelConfig, layer_id: int, names: tuple[str, str]):
         super().__init__()
         self.layer_id, self.n_layer = layer_id, cfg.n_layer
+        self.fuse = cfg.fuse
         self._mix_names = names
         for name in names:
             self.register_parameter(name, nn.Parameter(torch.empty(1, 1, cfg.n_embd)))
@@ -58,12 +66,14 @@ class GatedChannelMix(nn.Module):
         init_projection(self.value, 0.0)
 
     def forward(self, x: Tensor, shift: Tensor) -> Tensor:
-        prev = token_shift(x, shift)
-        xk, xr = (self._mix(x, prev, getattr(self, name)) for name in self._mix_names)
-        return torch.sigmoid(self.receptance(xr)) * self.value(torch.relu(self.key(xk)) ** 2)
+        run = fused.runner(self.fuse, x)
+        mix_k, mix_r = (getattr(self, name) for name in self._mix_names)
+        return run(self.region, x, shift, mix_k, mix_r, self.key.weight, self.receptance.weight, self.value.weight)
 
 
 class ChannelMixV6(GatedChannelMix):
+    region = staticmethod(fused.v6_channel_mix)
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__(cfg, layer_id, ("time_maa_k", "time_maa_r"))
 
@@ -71,19 +81,13 @@ class ChannelMixV6(GatedChannelMix):
     def _mix_init(ramp: Tensor) -> Tensor:
         return 1.0 - ramp
 
-    @staticmethod
-    def _mix(x: Tensor, prev: Tensor, maa: Tensor) -> Tensor:
-        return x + (prev - x) * maa
-
 
 class ChannelMixV5(GatedChannelMix):
+    region = staticmethod(fused.v5_channel_mix)
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__(cfg, layer_id, ("time_mix_k", "time_mix_r"))
 
     @staticmethod
     def _mix_init(ramp: Tensor) -> Tensor:
         return ramp
-
-    @staticmethod
-    def _mix(x: Tensor, prev: Tensor, mix: Tensor) -> Tensor:
-        return x * mix + prev * (1 - mix)

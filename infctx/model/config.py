@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+FUSE_MODES = ("off", "compile", "auto")
+
 
 def _lora_dim(factor: float, n_embd: int) -> int:
     """RWKV-7's suggested LoRA width: a multiple of 32 near factor*sqrt(C), at least 32 (RWKV-LM train_temp)."""
@@ -27,6 +29,10 @@ class ModelConfig:
     dim_ffn: int | None = None  # None = 4*n_embd for v7, int(3.5*n_embd)//32*32 for v5/v6
     head_size_divisor: int = 8  # v5 divides the WKV output by it before ln_x; v6 scales ln_x eps by its square
     wkv_backend: str = "auto"  # "auto" | "torch" | "torch-naive" | "cuda" | "fla" (see infctx.ops)
+    # The non-WKV elementwise parts of each block (token-shift mixes, gates, ln_x + bonus + gate, relu^2 FFN):
+    # "off" = plain PyTorch (the reference), "compile" = through torch.compile on any device, "auto" = compile when
+    # the activations are on a CUDA device. See infctx.model.fused.
+    fuse: str = "off"
     # LoRA widths; None = RWKV-LM's value for this version and size.
     d_mix_lora: int | None = None  # v6 time_maa_w1 is [C, 5*d_mix_lora]
     d_decay_lora: int | None = None  # v6 time_decay_w1 / v7 w1
@@ -64,6 +70,8 @@ class ModelConfig:
                 setattr(self, name, value)
         if not isinstance(self.wkv_backend, str) or not self.wkv_backend:
             raise ValueError(f"ModelConfig.wkv_backend must be a backend name such as 'auto' (got {self.wkv_backend!r})")
+        if self.fuse not in FUSE_MODES:
+            raise ValueError(f"ModelConfig.fuse must be one of {', '.join(map(repr, FUSE_MODES))} (got {self.fuse!r})")
 
     @property
     def n_head(self) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
+from infctx.model import fused
 from infctx.model.common import fill_, init_projection, ln_x_scale
 from infctx.model.config import ModelConfig
 
@@ -19,6 +21,7 @@ class GatedTimeMix(nn.Module):
         self.layer_id, self.n_layer = layer_id, cfg.n_layer
         self.n_head, self.head_size = cfg.n_head, cfg.head_size
         self._ln_x_eps = ln_x_eps
+        self.fuse = cfg.fuse
 
     def _make_projections(self, cfg: ModelConfig) -> None:
         C, A = cfg.n_embd, cfg.dim_att
@@ -41,10 +44,10 @@ class GatedTimeMix(nn.Module):
         return t.view(B, T, self.n_head, self.head_size)
 
     def _rkvg(self, xr: Tensor, xk: Tensor, xv: Tensor, xg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.receptance(xr), self.key(xk), self.value(xv), F.silu(self.gate(xg))
+        """r, k, v and the gate projection (its SiLU is applied in `_out`, fused with ln_x)."""
+        return self.receptance(xr), self.key(xk), self.value(xv), self.gate(xg)
 
-    def _out(self, y: Tensor, g: Tensor) -> Tensor:
-        """y: WKV output [B,T,H,N] -> ln_x (per head) -> gate -> output projection."""
-        B, T, H, N = y.shape
-        y = self.ln_x(y.reshape(B * T, H * N) / self.ln_x_divisor).view(B, T, H * N)
-        return self.output(y * g)
+    def _out(self, run: Callable, y: Tensor, gate: Tensor) -> Tensor:
+        """y: WKV output [B,T,H,N] -> ln_x (per head, after / ln_x_divisor) -> * silu(gate) -> output projection."""
+        ln = self.ln_x
+        return self.output(run(fused.gated_out, y, gate, ln.weight, ln.bias, ln.eps, self.ln_x_divisor))

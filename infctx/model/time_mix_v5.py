@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from infctx.model.common import bonus_init, channel_ramp, decay_speed, fill_, layer_ratios, token_shift
+from infctx.model import fused
+from infctx.model.common import bonus_init, channel_ramp, decay_speed, fill_, layer_ratios
 from infctx.model.config import ModelConfig
 from infctx.model.gated_time_mix import GatedTimeMix
 
@@ -37,8 +38,8 @@ class TimeMixV5(GatedTimeMix):
         self._init_projections()
 
     def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first, wkv) -> tuple[Tensor, Tensor, None]:
-        xx = token_shift(x, shift)
-        lerp = lambda m: x * m + xx * (1 - m)  # noqa: E731
-        r, k, v, g = self._rkvg(lerp(self.time_mix_r), lerp(self.time_mix_k), lerp(self.time_mix_v), lerp(self.time_mix_g))
+        run = fused.runner(self.fuse, x)
+        mixes = (self.time_mix_r, self.time_mix_k, self.time_mix_v, self.time_mix_g)
+        r, k, v, g = self._rkvg(*run(fused.v5_shift_mix, x, shift, mixes))
         y, wkv_state = wkv(self._heads(r), self.time_decay, self._heads(k), self._heads(v), self.time_faaaa, wkv_state)
-        return self._out(y, g), wkv_state, None
+        return self._out(run, y, g), wkv_state, None

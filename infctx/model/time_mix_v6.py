@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from infctx.model.common import bonus_init, channel_ramp, decay_speed, fill_, layer_ratios, token_shift
+from infctx.model import fused
+from infctx.model.common import bonus_init, channel_ramp, decay_speed, fill_, layer_ratios
 from infctx.model.config import ModelConfig
 from infctx.model.gated_time_mix import GatedTimeMix
 
@@ -49,16 +50,11 @@ class TimeMixV6(GatedTimeMix):
         self._init_projections()
 
     def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first, wkv) -> tuple[Tensor, Tensor, None]:
-        B, T, C = x.shape
-        xx = token_shift(x, shift) - x
-        xxx = torch.tanh((x + xx * self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
-        mw, mk, mv, mr, mg = torch.bmm(xxx, self.time_maa_w2).view(5, B, T, C).unbind(dim=0)
-        xw = x + xx * (self.time_maa_w + mw)
-        xk = x + xx * (self.time_maa_k + mk)
-        xv = x + xx * (self.time_maa_v + mv)
-        xr = x + xx * (self.time_maa_r + mr)
-        xg = x + xx * (self.time_maa_g + mg)
-        w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
+        run = fused.runner(self.fuse, x)
+        maas = (self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
+        decay = (self.time_decay, self.time_decay_w1, self.time_decay_w2)
+        w, xk, xv, xr, xg = run(fused.v6_shift_mix, x, shift, self.time_maa_x, self.time_maa_w1, self.time_maa_w2,
+                                maas, decay)
         r, k, v, g = self._rkvg(xr, xk, xv, xg)
         y, wkv_state = wkv(self._heads(r), self._heads(w), self._heads(k), self._heads(v), self.time_faaaa, wkv_state)
-        return self._out(y, g), wkv_state, None
+        return self._out(run, y, g), wkv_state, None

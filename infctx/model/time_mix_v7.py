@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from infctx.model.common import channel_ramp, fill_, init_projection, layer_ratios, ln_x_scale, ortho_lora, token_shift
+from infctx.model import fused
+from infctx.model.common import channel_ramp, fill_, init_projection, layer_ratios, ln_x_scale, ortho_lora
 from infctx.model.config import ModelConfig
 
 
@@ -18,6 +18,7 @@ class TimeMixV7(nn.Module):
         super().__init__()
         self.layer_id, self.n_layer = layer_id, cfg.n_layer
         self.n_head, self.head_size = cfg.n_head, cfg.head_size
+        self.fuse = cfg.fuse
         C = cfg.n_embd
         mix = lambda: nn.Parameter(torch.empty(1, 1, C))  # noqa: E731
         self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (mix() for _ in range(6))
@@ -71,25 +72,23 @@ class TimeMixV7(nn.Module):
     def forward(
         self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None, wkv
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x = ln1 output [B,T,C]; shift [B,C]; wkv_state [B,H,N,N]. Returns (out, new wkv state, v_first)."""
+        """x = ln1 output [B,T,C]; shift [B,C]; wkv_state [B,H,N,N]. Returns (out, new wkv state, v_first).
+        The elementwise parts run as infctx.model.fused regions (compiled per cfg.fuse); the WKV op between them."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        xx = token_shift(x, shift) - x
-        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        run = fused.runner(self.fuse, x)
+        mixes = (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+        xr, xw, xk, xv, xa, xg = run(fused.v7_shift_mix, x, shift, mixes)
         r = self.receptance(xr)
-        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2  # raw decay logit; the op applies exp(-e^-0.5 sigmoid(w))
         k = self.key(xk)
         v = self.value(xv)
         if self.layer_id == 0:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
-        kk = F.normalize(heads(k * self.k_k), dim=-1, p=2.0)
-        k = k * (1 + (a - 1) * self.k_a)
-        y, wkv_state = wkv(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a), wkv_state)
-        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        y = y + ((heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)).view(B, T, C)
-        return self.output(y * g), wkv_state, v_first
+            v = run(fused.v7_value_residual, v, v_first, xv, self.v0, self.v1, self.v2)
+        w, k, a, b, g = run(fused.v7_gates, xw, xa, xg, k, (self.w0, self.w1, self.w2), (self.a0, self.a1, self.a2),
+                            (self.g1, self.g2), self.k_k, self.k_a, H)
+        y, wkv_state = wkv(heads(r), heads(w), heads(k), heads(v), a, b, wkv_state)
+        y = run(fused.v7_out, y, r, k, v, g, self.r_k, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps)
+        return self.output(y), wkv_state, v_first
