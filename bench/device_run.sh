@@ -45,16 +45,17 @@ pack() {  # new result files -> $OUT/results.tgz (written elsewhere first: a kil
   [ -n "$f" ] && tar czf /tmp/device_run_results.tgz $f && cp /tmp/device_run_results.tgz "$OUT/results.tgz"
 }
 
-st_kernels() {
-  tmo $PY - <<'EOF'
+st_kernels() {  # -c, not a heredoc: the spawned build workers re-import __main__, which stdin cannot give them
+  tmo $PY -c '
 import os, sys
 from infctx.ops import cuda_build as cb
 ok = True
 for (v, n), err, s in cb.build_all(cfg=cb.BuildConfig(verbose=os.environ.get("KERNELS_VERBOSE", "1") == "1")):
-    print(f"wkv{v} N={n}: {'ok' if err is None else 'FAIL ' + err} ({s:.0f}s)", flush=True)
+    status = "ok" if err is None else "FAIL " + err
+    print(f"wkv{v} N={n}: {status} ({s:.0f}s)", flush=True)
     ok &= err is None
 sys.exit(0 if ok else 1)
-EOF
+'
 }
 # *_ARGS are split like shell words (eval), so PYTEST_ARGS='tests/ -k "not fla"' works
 st_tests() { eval "set -- ${PYTEST_ARGS:-tests/}"; tmo $PY -m pytest -v -m gpu -rs --durations=15 -p no:cacheprovider "$@"; }

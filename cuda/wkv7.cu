@@ -1,12 +1,19 @@
 // RWKV-7 WKV with state in/out and exact gradients (incl. the initial state and an incoming final-state gradient).
 //   S_t = S_{t-1} diag(d_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,  y_t = S_t r_t,  d_t = exp(-e^{-1/2} sigmoid(w_t))
-// State layout S[b, h, i, j]: i = value row, j = key column. Every value row evolves on its own (sa_i = S_i. a only
-// reads row i), so a head's rows are split over G = N/R blocks (see wkv::Tile) to fill the GPU at small B*H.
-// Forward: P threads per row hold it in registers; every CK tokens the state is saved (checkpoint), and sa_t is saved
-// per token. Backward walks the chunks in reverse: the column role recomputes its slice of S over the chunk from the
-// checkpoint into a per-block scratch, then the reverse recurrence runs on dS, kept twice in registers (row slices
-// for row sums: dv, dsa; column slices for column sums: dr, dk, da, db, dw). The only per-token exchange is dsa
-// through shared memory. Column sums are partial over a block's rows: with G > 1 they are added atomically.
+// State layout S[b, h, i, j]: i = value row, j = key column.
+//
+// Forward: every value row evolves on its own (sa_i = S_i. a reads only row i), so a block owns R = N/G rows of a
+// head and P threads share a row, each holding the M = N/P keys j = p*M + q in registers. A chunk of CK tokens of
+// key vectors sits in shared memory ("sliced": each thread's M keys contiguous, slices padded so the P slices read
+// together fall in distinct banks, read 4 at a time); the next chunk is loaded into registers while this one is
+// computed. The only exchanges are two P-lane shuffles per token (sa_i and y_i). The state is saved at the end of
+// every chunk (checkpoint) and sa_t per token.
+//
+// Backward ("backstepping"): d_t >= e^{-e^{-1/2}} ~ 0.545, so S_{t-1} = (S_t - sa_t b_t^T - v_t k_t^T) diag(1/d_t)
+// is well conditioned over a chunk; each chunk restarts from its exact checkpoint, so rounding never accumulates past
+// CK steps. One block per head; thread group i holds column i of S and both row i and column i of dS, so that every
+// gradient is a local dot product with a shared vector: dr, dk, db, dw, da are column sums, dv and dsa row sums.
+// The one per-token exchange is dsa (needed by da and by dS's column update) through shared memory.
 #include "wkv_common.cuh"
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,275 +27,368 @@ namespace {
 constexpr float kDecayScale = 0.60653065971263342f;  // e^{-1/2}
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ float ident(float x) { return x; }
 __device__ __forceinline__ float decay7(float w) { return expf(-kDecayScale * sigmoid(w)); }
 
-template <typename F, class Tl>
-__global__ void __launch_bounds__(Tl::kThreads) fwd_kernel(int T, int H, const F* __restrict__ r,
-    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
-    const F* __restrict__ b, const float* __restrict__ s0, F* __restrict__ y, float* __restrict__ sT,
-    float* __restrict__ ckpt, float* __restrict__ sa_out) {
-  constexpr int N = Tl::N, R = Tl::R, P = Tl::P, M = Tl::M;
-  extern __shared__ __align__(16) float smem[];
-  float (*sr)[N] = reinterpret_cast<float (*)[N]>(smem);
-  float (*sd)[N] = sr + CK, (*sk)[N] = sd + CK, (*sa)[N] = sk + CK, (*sb)[N] = sa + CK;
-  float (*sv)[R] = reinterpret_cast<float (*)[R]>(sb + CK);
-  const int bh = blockIdx.x / Tl::G, g = blockIdx.x % Tl::G, bb = bh / H, h = bh % H;
-  const int il = threadIdx.x / P, p = threadIdx.x % P, i = g * R + il;
-  const int nc = (T + CK - 1) / CK;
-  float S[M];
-  const float* s0row = s0 + (int64_t(bh) * N + i) * N;
+// Shared layout of one token's N-vector for threads that hold M = N/P consecutive entries each: slice p at
+// p*(M+4), so one thread's entries are 16-byte aligned and the P slices of a warp-wide read use distinct banks.
+template <int N, int P>
+struct Sliced {
+  static constexpr int M = N / P, kPitch = M + 4, kStride = P * kPitch;
+  static_assert(M % 4 == 0, "slices are read as float4");
+  __device__ __forceinline__ static int at(int j) { return (j / M) * kPitch + j % M; }
+};
+
+// One thread's share of a chunk (CK tokens x W features starting at feature x0) of a [B,T,H,N] tensor, held in
+// registers: loaded for the next chunk while the current one is computed, so global latency stays off the
+// sequential path. Element n of the share is e = threadIdx.x + n * kThreads (coalesced); tokens past T read 0.
+template <int N, int W, int kThreads, typename F>
+struct ChunkShare {
+  static constexpr int E = CK * W / kThreads;
+  static_assert(E >= 1 && CK * W % kThreads == 0, "a chunk must split evenly over the block");
+  float x[E];
+
+  __device__ __forceinline__ void load(const F* src, int bb, int t0, int L, int h, int T, int H, int x0 = 0) {
 #pragma unroll
-  for (int jj = 0; jj < M; ++jj) S[jj] = s0row[jj * P + p];
-  for (int c = 0; c < nc; ++c) {
-    const int t0 = c * CK, L = min(CK, T - t0);
-    float* cp = ckpt + ((int64_t(bh) * nc + c) * N + i) * N;
-#pragma unroll
-    for (int jj = 0; jj < M; ++jj) cp[jj * P + p] = S[jj];
-    __syncthreads();  // the previous chunk's readers are done with the shared vectors
-    for (int e = threadIdx.x; e < L * N; e += Tl::kThreads) {
-      const int l = e / N, x = e % N;
-      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + x;
-      sr[l][x] = wkv::to_f(r[o]);
-      sd[l][x] = decay7(wkv::to_f(w[o]));
-      sk[l][x] = wkv::to_f(k[o]);
-      sa[l][x] = wkv::to_f(a[o]);
-      sb[l][x] = wkv::to_f(b[o]);
-    }
-    for (int e = threadIdx.x; e < L * R; e += Tl::kThreads) {
-      const int l = e / R, x = e % R;
-      sv[l][x] = wkv::to_f(v[wkv::seq_off(bb, t0 + l, h, T, H, N) + g * R + x]);
-    }
-    __syncthreads();
-    for (int l = 0; l < L; ++l) {
-      float part = 0.f;
-#pragma unroll
-      for (int jj = 0; jj < M; ++jj) part += S[jj] * sa[l][jj * P + p];
-      const float sai = group_sum<P>(part), vi = sv[l][il];
-      float yp = 0.f;
-#pragma unroll
-      for (int jj = 0; jj < M; ++jj) {
-        const int j = jj * P + p;
-        S[jj] = S[jj] * sd[l][j] + sai * sb[l][j] + vi * sk[l][j];
-        yp += S[jj] * sr[l][j];
-      }
-      const float yi = group_sum<P>(yp);
-      if (p == 0) {
-        const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + i;
-        y[o] = wkv::from_f<F>(yi);
-        sa_out[o] = sai;
-      }
+    for (int n = 0; n < E; ++n) {
+      const int e = threadIdx.x + n * kThreads, l = e / W;
+      x[n] = l < L ? wkv::to_f(src[wkv::seq_off(bb, t0 + l, h, T, H, N) + x0 + e % W]) : 0.f;
     }
   }
-  float* strow = sT + (int64_t(bh) * N + i) * N;
-#pragma unroll
-  for (int jj = 0; jj < M; ++jj) strow[jj * P + p] = S[jj];
-}
 
-// Key-side gradients: written directly when one block owns the whole head (G == 1), else added into fp32 sums.
-template <typename F, bool kAtomic>
-struct KeyGrads {
-  F *dr, *dw, *dk, *da, *db;
-  float* acc;  // [5, B, T, H, N] when kAtomic
-  int64_t n;   // B*T*H*N
-  __device__ __forceinline__ void put(int64_t o, float r_, float w_, float k_, float a_, float b_) const {
-    if constexpr (kAtomic) {
-      atomicAdd(acc + o, r_);
-      atomicAdd(acc + n + o, w_);
-      atomicAdd(acc + 2 * n + o, k_);
-      atomicAdd(acc + 3 * n + o, a_);
-      atomicAdd(acc + 4 * n + o, b_);
-    } else {
-      dr[o] = wkv::from_f<F>(r_);
-      dw[o] = wkv::from_f<F>(w_);
-      dk[o] = wkv::from_f<F>(k_);
-      da[o] = wkv::from_f<F>(a_);
-      db[o] = wkv::from_f<F>(b_);
+  // dst[l * stride + at(x)] = fn(value of (l, x))
+  template <class At, class Fn>
+  __device__ __forceinline__ void store(float* dst, int stride, At at, Fn fn) const {
+#pragma unroll
+    for (int n = 0; n < E; ++n) {
+      const int e = threadIdx.x + n * kThreads;
+      dst[(e / W) * stride + at(e % W)] = fn(x[n]);
     }
   }
 };
 
-template <typename F, class Tl>
-__global__ void __launch_bounds__(Tl::kThreads) bwd_kernel(int T, int H, const F* __restrict__ r,
-    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
-    const F* __restrict__ b, const F* __restrict__ dy, const float* __restrict__ dsT, const float* __restrict__ ckpt,
-    const float* __restrict__ sa_in, float* __restrict__ scratch, KeyGrads<F, (Tl::G > 1)> out, F* __restrict__ dv,
-    float* __restrict__ ds0) {
-  constexpr int N = Tl::N, R = Tl::R, P = Tl::P, M = Tl::M, Q = Tl::Q, MC = Tl::MC, RS = Tl::RS;
-  extern __shared__ __align__(16) float smem[];
-  float (*sr)[N] = reinterpret_cast<float (*)[N]>(smem);
-  float (*sd)[N] = sr + CK, (*sk)[N] = sd + CK, (*sa)[N] = sk + CK, (*sb)[N] = sa + CK;
-  float (*sdy)[R] = reinterpret_cast<float (*)[R]>(sb + CK);
-  float (*sv)[R] = sdy + CK, (*ssa)[R] = sv + CK, (*sdsa)[R] = ssa + CK;  // sdsa: 2 rows, double-buffered
-  const int bh = blockIdx.x / Tl::G, g = blockIdx.x % Tl::G, bb = bh / H, h = bh % H;
-  const int il = threadIdx.x / P, p = threadIdx.x % P, i = g * R + il;  // row role
-  const int jc = threadIdx.x / Q, q = threadIdx.x % Q;                   // column role: rows g*R + ii*Q + q
-  const int nc = (T + CK - 1) / CK;
-  float* scr = Tl::kSmemScratch ? reinterpret_cast<float*>(sdsa + 2) : scratch + int64_t(blockIdx.x) * CK * R * N;
-  float Grow[M], Gcol[MC];  // dL/dS_t: a slice of row i and a slice of column jc
-  const float* g0 = dsT + int64_t(bh) * N * N;
+__device__ __forceinline__ int plain(int x) { return x; }
+
+// Dot product of a thread's M register entries with its slice of a sliced shared vector.
+template <int M>
+__device__ __forceinline__ float dot_slice(const float (&x)[M], const float* slice) {
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int jj = 0; jj < M; ++jj) Grow[jj] = g0[i * N + jj * P + p];
-#pragma unroll
-  for (int ii = 0; ii < MC; ++ii) Gcol[ii] = g0[(g * R + ii * Q + q) * N + jc];
-  for (int c = nc - 1; c >= 0; --c) {
-    const int t0 = c * CK, L = min(CK, T - t0);
-    __syncthreads();
-    for (int e = threadIdx.x; e < L * N; e += Tl::kThreads) {
-      const int l = e / N, x = e % N;
-      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + x;
-      sr[l][x] = wkv::to_f(r[o]);
-      sd[l][x] = decay7(wkv::to_f(w[o]));
-      sk[l][x] = wkv::to_f(k[o]);
-      sa[l][x] = wkv::to_f(a[o]);
-      sb[l][x] = wkv::to_f(b[o]);
-    }
-    for (int e = threadIdx.x; e < L * R; e += Tl::kThreads) {
-      const int l = e / R, x = e % R;
-      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + g * R + x;
-      sdy[l][x] = wkv::to_f(dy[o]);
-      sv[l][x] = wkv::to_f(v[o]);
-      ssa[l][x] = sa_in[o];
-    }
-    __syncthreads();
-    {  // recompute this thread's column slice of S_{t-1} for every token of the chunk into the scratch
-      const float* cp = ckpt + (int64_t(bh) * nc + c) * N * N + g * R * N + jc;
-      float Sc[MC];
-#pragma unroll
-      for (int ii = 0; ii < MC; ++ii) Sc[ii] = cp[(ii * Q + q) * N];
-      for (int l = 0; l < L; ++l) {
-        float* dst = scr + l * R * RS + jc;
-        const float dj = sd[l][jc], bj = sb[l][jc], kj = sk[l][jc];
-#pragma unroll
-        for (int ii = 0; ii < MC; ++ii) {
-          const int row = ii * Q + q;
-          dst[row * RS] = Sc[ii];
-          Sc[ii] = Sc[ii] * dj + ssa[l][row] * bj + sv[l][row] * kj;
-        }
-      }
-    }
-    for (int l = L - 1; l >= 0; --l) {
-      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N);
-      // row role: dS'_t = dS_t + dy r^T; dv, dsa; then dS_{t-1} = dS'_t diag(d) + dsa a^T
-      const float dyi = sdy[l][il];
-      float dvp = 0.f, dsap = 0.f;
-#pragma unroll
-      for (int jj = 0; jj < M; ++jj) {
-        const int j = jj * P + p;
-        const float gg = Grow[jj] + dyi * sr[l][j];
-        dvp += gg * sk[l][j];
-        dsap += gg * sb[l][j];
-        Grow[jj] = gg;
-      }
-      const float dvi = group_sum<P>(dvp), dsai = group_sum<P>(dsap);
-#pragma unroll
-      for (int jj = 0; jj < M; ++jj) Grow[jj] = Grow[jj] * sd[l][jj * P + p] + dsai * sa[l][jj * P + p];
-      if (p == 0) {
-        sdsa[l & 1][il] = dsai;
-        dv[o + i] = wkv::from_f<F>(dvi);
-      }
-      __syncthreads();
-      // column role: sums over this block's value rows
-      const float rj = sr[l][jc], dj = sd[l][jc], kj = sk[l][jc], aj = sa[l][jc], bj = sb[l][jc];
-      const float* Sp = scr + l * R * RS + jc;
-      float dkj = 0.f, dbj = 0.f, ddj = 0.f, daj = 0.f, sdyj = 0.f, sady = 0.f, vdy = 0.f;
-#pragma unroll
-      for (int ii = 0; ii < MC; ++ii) {
-        const int row = ii * Q + q;
-        const float s = Sp[row * RS], dyv = sdy[l][row], vi = sv[l][row], sai = ssa[l][row], dsa = sdsa[l & 1][row];
-        const float gg = Gcol[ii] + dyv * rj;
-        dkj += gg * vi;
-        dbj += gg * sai;
-        ddj += gg * s;
-        daj += dsa * s;
-        sdyj += s * dyv;
-        sady += sai * dyv;
-        vdy += vi * dyv;
-        Gcol[ii] = gg * dj + dsa * aj;
-      }
-      const float drj = group_sum<Q>(dj * sdyj + bj * sady + kj * vdy);
-      dkj = group_sum<Q>(dkj);
-      dbj = group_sum<Q>(dbj);
-      ddj = group_sum<Q>(ddj);
-      daj = group_sum<Q>(daj);
-      if (q == 0) {
-        const float sg = sigmoid(wkv::to_f(w[o + jc]));
-        out.put(o + jc, drj, ddj * dj * (-kDecayScale) * sg * (1.f - sg), dkj, daj, dbj);
-      }
-    }
+  for (int q = 0; q < M; q += 4) {
+    const float4 s = *reinterpret_cast<const float4*>(slice + q);
+    acc[0] += x[q] * s.x;
+    acc[1] += x[q + 1] * s.y;
+    acc[2] += x[q + 2] * s.z;
+    acc[3] += x[q + 3] * s.w;
   }
-  float* gout = ds0 + int64_t(bh) * N * N + g * R * N + jc;
-#pragma unroll
-  for (int ii = 0; ii < MC; ++ii) gout[(ii * Q + q) * N] = Gcol[ii];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float at4(const float4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward: grid B*H*G blocks of R*P threads (R = N/G value rows per block).
+template <typename F, int N, int G, int P>
+__global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* __restrict__ r,
+    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
+    const F* __restrict__ b, const float* __restrict__ s0, F* __restrict__ y, float* __restrict__ sT,
+    float* __restrict__ ckpt, float* __restrict__ sa_out) {
+  using Lay = Sliced<N, P>;
+  constexpr int R = N / G, M = Lay::M, VS = Lay::kStride, kThreads = R * P;
+  extern __shared__ __align__(16) float smem[];
+  float *sr = smem, *sd = sr + CK * VS, *sk = sd + CK * VS, *sa = sk + CK * VS, *sb = sa + CK * VS;
+  float (*sv)[R] = reinterpret_cast<float (*)[R]>(sb + CK * VS);
+  float (*sy)[R] = sv + CK, (*ssa)[R] = sy + CK;
+  const int bh = blockIdx.x / G, g = blockIdx.x % G, bb = bh / H, h = bh % H;
+  const int il = threadIdx.x / P, p = threadIdx.x % P, i = g * R + il;
+  const int nc = (T + CK - 1) / CK;
+  float S[M];
+  {
+    const float* row = s0 + (int64_t(bh) * N + i) * N + p * M;
+#pragma unroll
+    for (int q = 0; q < M; q += 4) {
+      const float4 x = ld4(row + q);
+      S[q] = x.x, S[q + 1] = x.y, S[q + 2] = x.z, S[q + 3] = x.w;
+    }
+  }
+  using Keys = ChunkShare<N, N, kThreads, F>;
+  Keys nr, nw, nk, na, nb;  // the next chunk, in flight
+  ChunkShare<N, R, kThreads, F> nv;
+  auto prefetch = [&](int t0) {
+    const int L = min(CK, T - t0);
+    nr.load(r, bb, t0, L, h, T, H);
+    nw.load(w, bb, t0, L, h, T, H);
+    nk.load(k, bb, t0, L, h, T, H);
+    na.load(a, bb, t0, L, h, T, H);
+    nb.load(b, bb, t0, L, h, T, H);
+    nv.load(v, bb, t0, L, h, T, H, g * R);
+  };
+  prefetch(0);
+  const int off = p * Lay::kPitch;  // this thread's slice
+  for (int c = 0; c < nc; ++c) {
+    const int t0 = c * CK, L = min(CK, T - t0);
+    __syncthreads();  // the previous chunk is done with the shared vectors
+    nr.store(sr, VS, Lay::at, ident);
+    nw.store(sd, VS, Lay::at, decay7);
+    nk.store(sk, VS, Lay::at, ident);
+    na.store(sa, VS, Lay::at, ident);
+    nb.store(sb, VS, Lay::at, ident);
+    nv.store(&sv[0][0], R, plain, ident);
+    __syncthreads();
+    if (c + 1 < nc) prefetch(t0 + CK);
+    for (int l = 0; l < L; ++l) {
+      const float sai = group_sum<P>(dot_slice<M>(S, sa + l * VS + off)), vi = sv[l][il];
+      float y4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int q = 0; q < M; q += 4) {
+        const float4 d4 = ld4(sd + l * VS + off + q), b4 = ld4(sb + l * VS + off + q);
+        const float4 k4 = ld4(sk + l * VS + off + q), r4 = ld4(sr + l * VS + off + q);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          S[q + u] = S[q + u] * at4(d4, u) + (sai * at4(b4, u) + vi * at4(k4, u));
+          y4[u] += S[q + u] * at4(r4, u);
+        }
+      }
+      const float yi = group_sum<P>((y4[0] + y4[1]) + (y4[2] + y4[3]));
+      if (p == 0) {
+        sy[l][il] = yi;
+        ssa[l][il] = sai;
+      }
+    }
+    float* cp = ckpt + ((int64_t(bh) * nc + c) * N + i) * N + p * M;
+    float* st = sT + (int64_t(bh) * N + i) * N + p * M;
+#pragma unroll
+    for (int q = 0; q < M; q += 4) {
+      const float4 x = make_float4(S[q], S[q + 1], S[q + 2], S[q + 3]);
+      *reinterpret_cast<float4*>(cp + q) = x;
+      if (c == nc - 1) *reinterpret_cast<float4*>(st + q) = x;
+    }
+    __syncthreads();  // y and sa of the chunk are staged
+    for (int e = threadIdx.x; e < L * R; e += kThreads) {
+      const int l = e / R, x = e % R;
+      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + g * R + x;
+      y[o] = wkv::from_f<F>(sy[l][x]);
+      sa_out[o] = ssa[l][x];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward: grid B*H blocks of N*P threads; thread (i, p) holds the entries j = p*M + q (q < M = N/P) of
+//   Sc = column i of S,  dR = row i of dS,  dC = column i of dS.
+// Shared per chunk: 9 sliced input vectors (decay, not w) + dsa; raw w and 6 staged gradients as plain CK x N.
+constexpr int kBwdSliced = 10, kBwdPlain = 7;
+
+template <typename F, int N, int P>
+__global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __restrict__ r, const F* __restrict__ w,
+    const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a, const F* __restrict__ b,
+    const F* __restrict__ dy, const float* __restrict__ dsT, const float* __restrict__ ckpt,
+    const float* __restrict__ sa_in, F* __restrict__ dr, F* __restrict__ dw, F* __restrict__ dk, F* __restrict__ dv,
+    F* __restrict__ da, F* __restrict__ db, float* __restrict__ ds0) {
+  using Lay = Sliced<N, P>;
+  constexpr int M = Lay::M, VS = Lay::kStride, kThreads = N * P;
+  extern __shared__ __align__(16) float smem[];
+  float *sr = smem, *sd = sr + CK * VS, *sk = sd + CK * VS, *sv = sk + CK * VS, *sa = sv + CK * VS;
+  float *sb = sa + CK * VS, *sdy = sb + CK * VS, *ssa = sdy + CK * VS, *sdsa = ssa + CK * VS;
+  float (*sw)[N] = reinterpret_cast<float (*)[N]>(sdsa + CK * VS);
+  float (*gr)[N] = sw + CK, (*gw)[N] = gr + CK, (*gk)[N] = gw + CK, (*gv)[N] = gk + CK, (*ga)[N] = gv + CK;
+  float (*gb)[N] = ga + CK;
+  const int bh = blockIdx.x, bb = bh / H, h = bh % H;
+  const int i = threadIdx.x / P, p = threadIdx.x % P, off = p * Lay::kPitch, ii = Lay::at(i);
+  const int nc = (T + CK - 1) / CK;
+  float Sc[M], dR[M], dC[M];
+  {
+    const float* g0 = dsT + int64_t(bh) * N * N;
+#pragma unroll
+    for (int q = 0; q < M; q += 4) {
+      const float4 x = ld4(g0 + i * N + p * M + q);
+      dR[q] = x.x, dR[q + 1] = x.y, dR[q + 2] = x.z, dR[q + 3] = x.w;
+    }
+#pragma unroll
+    for (int q = 0; q < M; ++q) dC[q] = g0[(p * M + q) * N + i];
+  }
+  using Share = ChunkShare<N, N, kThreads, F>;
+  Share nr, nw, nk, nv, na, nb, ndy;  // the next chunk (going backwards), in flight
+  ChunkShare<N, N, kThreads, float> nsa;
+  auto prefetch = [&](int t0) {
+    const int L = min(CK, T - t0);
+    nr.load(r, bb, t0, L, h, T, H);
+    nw.load(w, bb, t0, L, h, T, H);
+    nk.load(k, bb, t0, L, h, T, H);
+    nv.load(v, bb, t0, L, h, T, H);
+    na.load(a, bb, t0, L, h, T, H);
+    nb.load(b, bb, t0, L, h, T, H);
+    ndy.load(dy, bb, t0, L, h, T, H);
+    nsa.load(sa_in, bb, t0, L, h, T, H);
+  };
+  prefetch((nc - 1) * CK);
+  for (int c = nc - 1; c >= 0; --c) {
+    const int t0 = c * CK, L = min(CK, T - t0);
+    const float* cp = ckpt + (int64_t(bh) * nc + c) * N * N;  // S at the end of chunk c
+#pragma unroll
+    for (int q = 0; q < M; ++q) Sc[q] = cp[(p * M + q) * N + i];
+    __syncthreads();  // the previous chunk's gradients are written out
+    nr.store(sr, VS, Lay::at, ident);
+    nw.store(&sw[0][0], N, plain, ident);
+    nw.store(sd, VS, Lay::at, decay7);
+    nk.store(sk, VS, Lay::at, ident);
+    nv.store(sv, VS, Lay::at, ident);
+    na.store(sa, VS, Lay::at, ident);
+    nb.store(sb, VS, Lay::at, ident);
+    ndy.store(sdy, VS, Lay::at, ident);
+    nsa.store(ssa, VS, Lay::at, ident);
+    __syncthreads();
+    if (c > 0) prefetch(t0 - CK);
+    for (int l = L - 1; l >= 0; --l) {
+      const int t = l * VS;
+      const float dyi = sdy[t + ii], ri = sr[t + ii], ki = sk[t + ii], bi = sb[t + ii], di = sd[t + ii];
+      const float ai = sa[t + ii], inv_d = 1.f / di;
+      float pr = 0.f, pv = 0.f, pk = 0.f, psa = 0.f, pb = 0.f, pw = 0.f;
+#pragma unroll
+      for (int q = 0; q < M; q += 4) {
+        const float4 r4 = ld4(sr + t + off + q), y4 = ld4(sdy + t + off + q), k4 = ld4(sk + t + off + q);
+        const float4 v4 = ld4(sv + t + off + q), b4 = ld4(sb + t + off + q), s4 = ld4(ssa + t + off + q);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int j = q + u;
+          dR[j] += dyi * at4(r4, u);  // dS_t += dy_t r_t^T
+          dC[j] += at4(y4, u) * ri;
+          pr += Sc[j] * at4(y4, u);
+          pv += dR[j] * at4(k4, u);
+          pk += dC[j] * at4(v4, u);
+          psa += dR[j] * at4(b4, u);
+          pb += dC[j] * at4(s4, u);
+          Sc[j] = (Sc[j] - at4(v4, u) * ki - at4(s4, u) * bi) * inv_d;  // S_{t-1}, column i
+          pw += dC[j] * Sc[j];
+        }
+      }
+      pr = group_sum<P>(pr);
+      pv = group_sum<P>(pv);
+      pk = group_sum<P>(pk);
+      const float dsai = group_sum<P>(psa);
+      pb = group_sum<P>(pb);
+      pw = group_sum<P>(pw);
+      if (p == 0) {
+        sdsa[t + ii] = dsai;
+        gr[l][i] = pr;
+        gv[l][i] = pv;
+        gk[l][i] = pk;
+        gb[l][i] = pb;
+        gw[l][i] = pw;
+      }
+      __syncthreads();  // dsa of every row is in shared memory
+      float pa = 0.f;
+#pragma unroll
+      for (int q = 0; q < M; q += 4) {
+        const float4 g4 = ld4(sdsa + t + off + q), d4 = ld4(sd + t + off + q), a4 = ld4(sa + t + off + q);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int j = q + u;
+          pa += Sc[j] * at4(g4, u);
+          dR[j] = dR[j] * at4(d4, u) + dsai * at4(a4, u);  // dS_{t-1} = dS_t diag(d) + dsa a^T
+          dC[j] = dC[j] * di + at4(g4, u) * ai;
+        }
+      }
+      pa = group_sum<P>(pa);
+      if (p == 0) ga[l][i] = pa;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < L * N; e += kThreads) {
+      const int l = e / N, x = e % N;
+      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + x;
+      const float wx = sw[l][x];  // d(decay)/dw = -e^{-1/2} decay sigmoid(w) sigmoid(-w), without 1 - sigmoid's cancellation
+      dr[o] = wkv::from_f<F>(gr[l][x]);
+      dw[o] = wkv::from_f<F>(gw[l][x] * sd[l * VS + Lay::at(x)] * (-kDecayScale) * sigmoid(wx) * sigmoid(-wx));
+      dk[o] = wkv::from_f<F>(gk[l][x]);
+      dv[o] = wkv::from_f<F>(gv[l][x]);
+      da[o] = wkv::from_f<F>(ga[l][x]);
+      db[o] = wkv::from_f<F>(gb[l][x]);
+    }
+  }
+  float* out = ds0 + (int64_t(bh) * N + i) * N + p * M;
+#pragma unroll
+  for (int q = 0; q < M; q += 4) *reinterpret_cast<float4*>(out + q) = make_float4(dR[q], dR[q + 1], dR[q + 2], dR[q + 3]);
+}
+
+// Host side.
 template <typename F>
 const F* cptr(const torch::Tensor& t) { return reinterpret_cast<const F*>(t.data_ptr()); }
 template <typename F>
 F* mptr(torch::Tensor& t) { return reinterpret_cast<F*>(t.data_ptr()); }
 
-// Calls f(Tile{}) with `rows` value rows per block (0: pick by B*H so that the GPU fills up).
+template <int V> using Const = std::integral_constant<int, V>;
+
+// Threads per state index (P) for split == 0. P = 2 was fastest (fwd+bwd) at both B*H = 32 and 128 in the
+// H200 sweep of 2026-12-01 (bench/results/kernels-notes.md); N = 128 takes 4 to hold fewer registers per thread.
+int auto_split(int) { return WKV_N == 128 ? 4 : 2; }
+
 template <class Fn>
-void with_tile(int BH, int rows, Fn&& f) {
-#if WKV_N == 64
-  if (rows == 0) rows = BH >= 64 ? 64 : 16;  // measured on H100 (bench/results/kernels.md, --sweep-rows)
-  TORCH_CHECK(rows == 64 || rows == 16 || rows == 8, "wkv7: rows per block must be 0, 8, 16 or 64");
-  if (rows == 64) f(wkv::Tile<64, 64, 4>{});
-  else if (rows == 16) f(wkv::Tile<64, 16, 8>{});
-  else f(wkv::Tile<64, 8, 8>{});
-#else
-  if (rows == 0) rows = BH >= 64 ? WKV_N : WKV_N / 4;
-  TORCH_CHECK(rows == WKV_N || rows == WKV_N / 4, "wkv7: rows per block must be 0, ", WKV_N / 4, " or ", WKV_N);
-  if (rows == WKV_N) f(wkv::Tile<WKV_N, WKV_N, 4>{});
-  else f(wkv::Tile<WKV_N, WKV_N / 4, 8>{});
-#endif
+void with_split(int BH, int split, Fn&& f) {
+  if (split == 0) split = auto_split(BH);
+  TORCH_CHECK(split == 2 || split == 4 || split == 8,
+              "wkv7: threads per state index (split) must be 0 (auto), 2, 4 or 8");
+  if (split == 2) f(Const<2>{});
+  else if (split == 4) f(Const<4>{});
+  else f(Const<8>{});
 }
 
+// Forward blocks per head: more blocks (fewer rows each) when B*H alone cannot fill the GPU.
+template <class Fn>
+void with_groups(int BH, Fn&& f) {
+  if (BH >= 128) f(Const<1>{});
+  else if (BH >= 32) f(Const<4>{});
+  else f(Const<WKV_N / 16>{});
+}
+
+template <typename F, int G, int P>
+void fwd_launch(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
+                torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt, torch::Tensor sa) {
+  const int B = r.size(0), T = r.size(1), H = r.size(2);
+  constexpr int N = WKV_N, R = N / G;
+  const size_t smem = size_t(CK) * (5 * Sliced<N, P>::kStride + 3 * R) * sizeof(float);
+  auto kern = fwd_kernel<F, N, G, P>;
+  wkv::allow_smem(kern, smem);
+  kern<<<B * H * G, R * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k),
+      cptr<F>(v), cptr<F>(a), cptr<F>(b), s0.data_ptr<float>(), mptr<F>(y), sT.data_ptr<float>(),
+      ckpt.data_ptr<float>(), sa.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A head split over G > 1 blocks keeps 8 threads per row, so that a block still has >= 128 threads and the
+// prefetched chunk (5 key vectors) stays small per thread; one block per head takes `split`.
 template <typename F>
 void fwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
-               torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt, torch::Tensor sa, int rows) {
-  const int B = r.size(0), T = r.size(1), H = r.size(2);
-  with_tile(B * H, rows, [&](auto tile) {
-    using Tl = decltype(tile);
-    const size_t smem = size_t(CK) * (5 * Tl::N + Tl::R) * sizeof(float);
-    auto kern = fwd_kernel<F, Tl>;
-    wkv::allow_smem(kern, smem);
-    kern<<<B * H * Tl::G, Tl::kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w),
-        cptr<F>(k), cptr<F>(v), cptr<F>(a), cptr<F>(b), s0.data_ptr<float>(), mptr<F>(y), sT.data_ptr<float>(),
-        ckpt.data_ptr<float>(), sa.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+               torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt, torch::Tensor sa, int split) {
+  const int BH = r.size(0) * r.size(2);
+  with_groups(BH, [&](auto gc) {
+    constexpr int G = decltype(gc)::value;
+    if constexpr (G > 1) {
+      fwd_launch<F, G, 8>(r, w, k, v, a, b, s0, y, sT, ckpt, sa);
+    } else {
+      with_split(BH, split, [&](auto pc) {
+        fwd_launch<F, 1, decltype(pc)::value>(r, w, k, v, a, b, s0, y, sT, ckpt, sa);
+      });
+    }
   });
 }
 
 template <typename F>
 void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
-               torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa, torch::Tensor scratch,
-               torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
-               torch::Tensor db, torch::Tensor ds0, int rows) {
+               torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa, torch::Tensor dr,
+               torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da, torch::Tensor db,
+               torch::Tensor ds0, int split) {
   const int B = r.size(0), T = r.size(1), H = r.size(2);
-  with_tile(B * H, rows, [&](auto tile) {
-    using Tl = decltype(tile);
-    constexpr bool kAtomic = Tl::G > 1;
-    torch::Tensor acc;
-    KeyGrads<F, kAtomic> out{mptr<F>(dr), mptr<F>(dw), mptr<F>(dk), mptr<F>(da), mptr<F>(db), nullptr, r.numel()};
-    if (kAtomic) {
-      acc = torch::zeros({5, r.numel()}, r.options().dtype(torch::kFloat));
-      out.acc = acc.data_ptr<float>();
-    }
-    const size_t smem = (size_t(CK) * (5 * Tl::N + 3 * Tl::R) + 2 * Tl::R +
-                         (Tl::kSmemScratch ? size_t(CK) * Tl::R * Tl::RS : 0)) * sizeof(float);
-    torch::Tensor scr = scratch;  // global recompute scratch, only for tiles whose scratch is not in shared memory
-    if (!Tl::kSmemScratch && scr.numel() < int64_t(B) * H * Tl::G * CK * Tl::R * Tl::N)
-      scr = torch::empty({int64_t(B) * H * Tl::G * CK * Tl::R * Tl::N}, r.options().dtype(torch::kFloat));
-    auto kern = bwd_kernel<F, Tl>;
+  with_split(B * H, split, [&](auto pc) {
+    constexpr int N = WKV_N, P = decltype(pc)::value;
+    const size_t smem = size_t(CK) * (kBwdSliced * Sliced<N, P>::kStride + kBwdPlain * N) * sizeof(float);
+    auto kern = bwd_kernel<F, N, P>;
     wkv::allow_smem(kern, smem);
-    kern<<<B * H * Tl::G, Tl::kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w),
-        cptr<F>(k), cptr<F>(v), cptr<F>(a), cptr<F>(b), cptr<F>(dy), dsT.data_ptr<float>(), ckpt.data_ptr<float>(),
-        sa.data_ptr<float>(), scr.data_ptr<float>(), out, mptr<F>(dv), ds0.data_ptr<float>());
+    kern<<<B * H, N * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k),
+        cptr<F>(v), cptr<F>(a), cptr<F>(b), cptr<F>(dy), dsT.data_ptr<float>(), ckpt.data_ptr<float>(),
+        sa.data_ptr<float>(), mptr<F>(dr), mptr<F>(dw), mptr<F>(dk), mptr<F>(dv), mptr<F>(da), mptr<F>(db),
+        ds0.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (kAtomic) {
-      torch::Tensor grads[5] = {dr, dw, dk, da, db};
-      for (int n = 0; n < 5; ++n) grads[n].view({-1}).copy_(acc[n]);
-    }
   });
 }
 
@@ -296,19 +396,19 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
 
 void wkv7_forward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                        torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
-                       torch::Tensor sa, int rows) {
+                       torch::Tensor sa, int split) {
   if (r.scalar_type() == at::kBFloat16)
-    fwd_typed<__nv_bfloat16>(r, w, k, v, a, b, s0, y, sT, ckpt, sa, rows);
+    fwd_typed<__nv_bfloat16>(r, w, k, v, a, b, s0, y, sT, ckpt, sa, split);
   else
-    fwd_typed<float>(r, w, k, v, a, b, s0, y, sT, ckpt, sa, rows);
+    fwd_typed<float>(r, w, k, v, a, b, s0, y, sT, ckpt, sa, split);
 }
 
 void wkv7_backward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                         torch::Tensor b, torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa,
-                        torch::Tensor scratch, torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv,
-                        torch::Tensor da, torch::Tensor db, torch::Tensor ds0, int rows) {
+                        torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
+                        torch::Tensor db, torch::Tensor ds0, int split) {
   if (r.scalar_type() == at::kBFloat16)
-    bwd_typed<__nv_bfloat16>(r, w, k, v, a, b, dy, dsT, ckpt, sa, scratch, dr, dw, dk, dv, da, db, ds0, rows);
+    bwd_typed<__nv_bfloat16>(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
   else
-    bwd_typed<float>(r, w, k, v, a, b, dy, dsT, ckpt, sa, scratch, dr, dw, dk, dv, da, db, ds0, rows);
+    bwd_typed<float>(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
 }

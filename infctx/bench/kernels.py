@@ -35,7 +35,7 @@ class BenchConfig:
     warmup: int = 3
     reps: int = 10
     with_fla: bool = True
-    sweep_rows: bool = False  # also time each forced block tiling of our kernels
+    sweep: bool = False  # also time each forced tiling of our kernels (wkv7: split, wkv5/6: rows per block)
 
 
 def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -54,12 +54,16 @@ def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0) -> 
     return out
 
 
-def ours(version: int, rows: int = 0) -> Callable:
-    """Our kernel; rows != 0 forces a block tiling (rows of a head's state per block) for the tuning sweep."""
+SWEEP = {7: ("s", "split", (2, 4, 8)), 6: ("r", "rows_per_block", (8, 16, 64)), 5: ("r", "rows_per_block", (8, 16, 64))}
+
+
+def ours(version: int, tiling: int = 0) -> Callable:
+    """Our kernel; tiling != 0 forces the tuning knob (wkv7: threads per state row, wkv5/6: rows per block)."""
     from infctx import ops
 
     op = ops.get_wkv(version, "cuda")
-    return lambda x: op(*x.values(), rows_per_block=rows)
+    knob = SWEEP[version][1]
+    return lambda x: op(*x.values(), **{knob: tiling})
 
 
 def fla(version: int) -> Callable:
@@ -139,9 +143,6 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
                torch=torch.__version__, cuda=torch.version.cuda, fla_core=None, fla_error=None,
                y_agreement_vs_fla={}, dtype="bf16 inputs, fp32 state in/out", rows=[])
     impls: dict[str, Callable] = {"ours": ours}
-    if cfg.sweep_rows:
-        impls.update({f"ours-r{rows}": functools.partial(ours, rows=rows)
-                      for rows in (8, 16, 64)})
     if cfg.with_fla:
         try:
             import importlib.metadata as md
@@ -153,9 +154,13 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
         except ImportError as err:
             res["fla_error"] = f"fla-core not importable ({err}); `pip install fla-core` for the comparison"
     for version in cfg.versions:
+        variants = dict(impls)
+        if cfg.sweep:
+            tag, _, values = SWEEP[version]
+            variants.update({f"ours-{tag}{n}": functools.partial(ours, tiling=n) for n in values})
         for B, T, H in cfg.shapes:
             times = {}
-            for name, make_fn in impls.items():
+            for name, make_fn in variants.items():
                 print(f"wkv{version} {name} B={B} T={T} H={H} ...", flush=True)
                 x = make_inputs(version, B, T, H, cfg.head_size)
                 try:
@@ -168,7 +173,7 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
                 row = dict(version=version, impl=name, B=B, T=T, H=H, N=cfg.head_size, **t)
                 if "ms_fwd_bwd" in t:
                     row["mtok_s"] = round(B * T / t["ms_fwd_bwd"] / 1e3, 3)
-                if name == "ours" and "ms_fwd_bwd" in times.get("fla", {}) and "ms_fwd_bwd" in t:
+                if name.startswith("ours") and "ms_fwd_bwd" in times.get("fla", {}) and "ms_fwd_bwd" in t:
                     row["speedup_vs_fla"] = round(times["fla"]["ms_fwd_bwd"] / t["ms_fwd_bwd"], 3)
                 res["rows"].append(row)
                 print(json.dumps(row), flush=True)
@@ -213,13 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--versions", type=int, nargs="+", default=list(BenchConfig.versions))
     p.add_argument("--reps", type=int, default=BenchConfig.reps)
     p.add_argument("--no-fla", action="store_true", help="skip the fla comparison")
-    p.add_argument("--sweep-rows", action="store_true", help="also time every block tiling of our kernels")
+    p.add_argument("--sweep", action="store_true", help="also time every tiling of our kernels")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="B,T,H", help="shapes to time (default: issue 3's)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench-kernels: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU machine")
         return 1
     cfg = BenchConfig(out_dir=args.out_dir, versions=tuple(args.versions), reps=args.reps, with_fla=not args.no_fla,
-                      sweep_rows=args.sweep_rows)
+                      sweep=args.sweep,
+                      shapes=tuple(tuple(map(int, x.split(","))) for x in args.shapes) if args.shapes else SHAPES)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
 
     def save(res: dict) -> None:

@@ -3,7 +3,7 @@
 Same signature and semantics as the torch ops (CONTRACTS.md): sequence tensors [B,T,H,N] in bf16 or fp32,
 state fp32 [B,H,N(value),N(key)], returns (y, sT); differentiable w.r.t. every input including s0, and the
 gradient of sT flows back (so segmented full BPTT is exact). The forward saves a state checkpoint every
-`chunk_len` tokens; the backward recomputes from them.
+`chunk_len` tokens; the backward restarts from them (RWKV-7: backsteps S within a chunk; RWKV-5/6: recomputes).
 """
 
 from __future__ import annotations
@@ -78,16 +78,16 @@ def _no_scratch(r: Tensor) -> Tensor:
 
 class _WKV7(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, rows):
+    def forward(ctx, r, w, k, v, a, b, s0, split):
         B, T, H, N = r.shape
         ext = load_extension(7, N, r.device)
         ck, nc = _workspace(ext, r)
         y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
         ckpt = torch.empty(B, H, nc, N, N, device=r.device)
         sa = torch.empty(B, T, H, N, device=r.device)
-        ext.forward(r, w, k, v, a, b, _state_in(s0, r), y, sT, ckpt, sa, rows)
+        ext.forward(r, w, k, v, a, b, _state_in(s0, r), y, sT, ckpt, sa, split)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
-        ctx.has_s0, ctx.rows = s0 is not None, rows
+        ctx.has_s0, ctx.split = s0 is not None, split
         return y, sT
 
     @staticmethod
@@ -98,7 +98,7 @@ class _WKV7(torch.autograd.Function):
         grads = [torch.empty_like(r) for _ in range(6)]
         ds0 = torch.empty(B, H, N, N, device=r.device)
         ext.backward(r, w, k, v, a, b, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt, sa,
-                     _no_scratch(r), *grads, ds0, ctx.rows)
+                     *grads, ds0, ctx.split)
         return (*grads, ds0 if ctx.has_s0 else None, None)
 
 
@@ -135,16 +135,16 @@ class _WKV56(torch.autograd.Function):
 
 
 def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-              s0: Tensor | None = None, *, rows_per_block: int = 0) -> tuple[Tensor, Tensor]:
-    """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math. `rows_per_block` picks how a
-    head's state rows are split over blocks (0 = by B*H; 8/16/64 for N=64, 32/128 for N=128): a tuning knob."""
+              s0: Tensor | None = None, *, split: int = 0) -> tuple[Tensor, Tensor]:
+    """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math. `split` = threads that share one
+    state row/column (0 = by B*H; 2, 4 or 8): a tuning knob, every value gives the same result."""
     validate_inputs(7, dict(r=r, w=w, k=k, v=v, a=a, b=b), {}, s0)
-    return _WKV7.apply(r, *_like_r(r, w, k, v, a, b), s0, rows_per_block)
+    return _WKV7.apply(r, *_like_r(r, w, k, v, a, b), s0, split)
 
 
 def wkv6_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
               s0: Tensor | None = None, *, rows_per_block: int = 0) -> tuple[Tensor, Tensor]:
-    """RWKV-6 WKV on the CUDA kernel; w [B,T,H,N] raw decay logits, u [H,N]; rows_per_block as in wkv7_cuda."""
+    """RWKV-6 WKV on the CUDA kernel; w [B,T,H,N] raw decay logits, u [H,N]; `rows_per_block` = value rows of a head per block (0 = by B*H): a tuning knob."""
     validate_inputs(6, dict(r=r, w=w, k=k, v=v), dict(u=u), s0)
     return _WKV56.apply(6, r, *_like_r(r, w, k, v, u), s0, rows_per_block)
 

@@ -54,13 +54,15 @@ def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_against_reference(version: int, B: int, T: int, H: int, N: int, dtype: torch.dtype, seed: int = 0,
-                            ref_device: str = "cuda", rows: int = 0) -> dict:
+                            ref_device: str = "cuda", tiling: int = 0) -> dict:
+    """`tiling` is the kernel's tuning knob: wkv7's `split`, wkv5/6's `rows_per_block` (0 = auto)."""
     inputs = make_inputs(version, B, T, H, N, dtype, seed)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     gy = torch.randn(B, T, H, N, generator=g, device="cuda")
     gs = torch.randn(B, H, N, N, generator=g, device="cuda")
     op = ops.get_wkv(version, "cuda")
-    got = run(lambda *xs: op(*xs, rows_per_block=rows), inputs, gy, gs)
+    knob = {"split": tiling} if version == 7 else {"rows_per_block": tiling}
+    got = run(lambda *xs: op(*xs, **knob), inputs, gy, gs)
     naive = getattr(ops, NAIVE[version])
     ref = run(naive, {n: t.to(ref_device) for n, t in inputs.items()}, gy.to(ref_device).double(),
               gs.to(ref_device).double(), double=True)
@@ -70,7 +72,7 @@ def check_against_reference(version: int, B: int, T: int, H: int, N: int, dtype:
     return errors
 
 
-# B>1, T=1, T multiple of 16, T not multiple of 16; B*H >= 64 and >= 256 switch the kernels' row split (wkv::Tile)
+# B>1, T=1, T multiple of 16, T not multiple of 16; B*H >= 32, >= 64, >= 128 switch the kernels' tilings
 SHAPES = [(2, 37, 3), (3, 1, 2), (1, 64, 2), (2, 100, 1), (2, 19, 40), (4, 20, 64)]
 
 
@@ -82,18 +84,40 @@ def test_matches_float64_reference(version, shape, dtype):
 
 
 @pytest.mark.parametrize("rows", [8, 16, 64])
-@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("version", [5, 6])
 def test_every_row_split(version, rows):
-    """Each block tiling (rows of a head per block: atomics or not, shared or global scratch) is exact."""
-    check_against_reference(version, 2, 37, 3, 64, torch.float32, rows=rows)
-    check_against_reference(version, 2, 21, 2, 64, torch.bfloat16, rows=rows)
+    """Each wkv5/6 block tiling (rows of a head per block: atomics or not, shared or global scratch) is exact."""
+    check_against_reference(version, 2, 37, 3, 64, torch.float32, tiling=rows)
+    check_against_reference(version, 2, 21, 2, 64, torch.bfloat16, tiling=rows)
 
 
-@pytest.mark.parametrize("rows", [0, 32, 128])
+@pytest.mark.parametrize("split", [2, 4, 8])
+@pytest.mark.parametrize("shape", [(2, 37, 3), (2, 21, 32), (4, 33, 64)], ids=lambda s: "B{}T{}H{}".format(*s))
+def test_wkv7_every_split(shape, split):
+    """Each wkv7 split (threads per state row/column), under each forward block grouping (B*H < 32, < 128, >= 128)."""
+    check_against_reference(7, *shape, N=64, dtype=torch.float32, tiling=split)
+    check_against_reference(7, *shape, N=64, dtype=torch.bfloat16, tiling=split)
+
+
+@pytest.mark.parametrize("split", [0, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 45, 2), (2, 5, 128)], ids=lambda s: "B{}T{}H{}".format(*s))
-def test_wkv7_head_size_128(shape, dtype, rows):
-    check_against_reference(7, *shape, N=128, dtype=dtype, rows=rows)
+def test_wkv7_head_size_128(shape, dtype, split):
+    check_against_reference(7, *shape, N=128, dtype=dtype, tiling=split)
+
+
+def test_wkv7_decay_near_one_and_strong():
+    """Backstepping divides by the decay: check the extremes of sigmoid (w = +-12) against the oracle in fp32."""
+    inputs = make_inputs(7, 2, 50, 2, 64, torch.float32, seed=11)
+    extremes = torch.where(torch.rand_like(inputs["w"]) < 0.5, -12.0, 12.0)
+    B, T, H, N = inputs["r"].shape
+    g = torch.Generator(device="cuda").manual_seed(12)
+    gy, gs = torch.randn(B, T, H, N, generator=g, device="cuda"), torch.randn(B, H, N, N, generator=g, device="cuda")
+    inputs["w"] = extremes.contiguous()
+    got = run(ops.get_wkv(7, "cuda"), inputs, gy, gs)
+    ref = run(ops.wkv7_naive, inputs, gy.double(), gs.double(), double=True)
+    errors = {name: rel_rms(got[name], ref[name]) for name in ref if ref[name].abs().max() > 0}
+    assert all(e <= 1e-5 for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("version", [5, 6, 7])
