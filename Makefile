@@ -8,7 +8,7 @@ RECIPE ?= recipes/cpu-demo.yaml
 CONFIG ?= data/configs/sample.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test test-gpu train data bench-kernels bench-data bench-train demo clean
+.PHONY: install test test-gpu gpu-check train data bench-kernels bench-data bench-train demo clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ test: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu -rs $(PYTEST_ARGS)
+
+# On a GPU machine with torch already installed (wheels for the rest in .whl/): the GPU stages in one command.
+gpu-check:
+	bash bench/device_run.sh $(STAGES)
 
 train: install
 	$(VENV)/bin/infctx fit --config $(RECIPE)
