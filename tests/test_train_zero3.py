@@ -65,13 +65,63 @@ for version in (5, 6, 7):
 """
 
 
-def test_zero3_configure_model_and_bptt_gradients_equal_plain(tmp_path):
-    pytest.importorskip("deepspeed")
+def _run_one_process(runner: str, tmp_path) -> str:
+    """Run a DeepSpeed script as one gloo process on the CPU accelerator; returns its stdout."""
     with socket.socket() as probe:  # a free TCP port for the one-process gloo group
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", ZERO3_RUNNER, port], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", runner, port], env=env, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert [line[:3] for line in proc.stdout.splitlines() if line.startswith("v")] == ["v5:", "v6:", "v7:"]
+    return proc.stdout
+
+
+def test_zero3_configure_model_and_bptt_gradients_equal_plain(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = _run_one_process(ZERO3_RUNNER, tmp_path)
+    assert [line[:3] for line in out.splitlines() if line.startswith("v")] == ["v5:", "v6:", "v7:"]
+
+GUARD_RUNNER = r"""
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import deepspeed
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+from infctx.model import RWKV, ModelConfig
+from infctx.train.module import deepspeed_grads_finite
+
+for stage in (0, 1, 2, 3):
+    DS = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    torch.manual_seed(0)
+    model = RWKV(ModelConfig(version=7, n_layer=2, n_embd=64, head_size=16, vocab_size=64, wkv_backend="torch"))
+    engine, *_ = deepspeed.initialize(model=model, config=DS,
+                                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    tokens = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    verdicts = []
+    for poison in (False, True, False):  # a NaN gradient in one weight while the loss stays finite
+        hook = None
+        if poison:
+            weight = dict(model.named_parameters())["blocks.1.ffn.value.weight"]
+            hook = weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+        logits = engine(tokens[:, :-1])[0]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        assert torch.isfinite(loss)
+        engine.backward(loss)
+        verdicts.append(deepspeed_grads_finite(engine))
+        if hook:
+            hook.remove()
+        engine.optimizer.zero_grad()
+    print(f"stage {stage}: {verdicts}")
+    engine.destroy()
+"""
+
+
+def test_deepspeed_nan_gradient_is_detected_before_the_step(tmp_path):
+    """The guard's gradient check under DeepSpeed (ZeRO stages 0-3): a NaN in one weight's gradient with a finite loss is
+    caught before DeepSpeed's step, and a clean step after zero_grad passes again."""
+    pytest.importorskip("deepspeed")
+    out = _run_one_process(GUARD_RUNNER, tmp_path)
+    assert [line for line in out.splitlines() if line.startswith("stage")] == [
+        f"stage {s}: [True, False, True]" for s in (0, 1, 2, 3)]

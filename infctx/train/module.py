@@ -247,10 +247,12 @@ class InfctxModule(pl.LightningModule):
             dist.all_reduce(totals)
         loss = float(totals[0] / totals[1]) if totals[1] > 0 else 0.0
         step_tokens = int(totals[2])
-        grad_norm = self._reduce_and_clip() if self._deepspeed() is None else None
-        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        engine = self._deepspeed()
+        grad_norm = self._reduce_and_clip() if engine is None else None
+        grads_ok = engine is None or deepspeed_grads_finite(engine)
+        finite = math.isfinite(loss) and grads_ok and (grad_norm is None or math.isfinite(grad_norm))
         if not finite:
-            self._skip_bad_step(opt, loss, grad_norm)
+            self._skip_bad_step(opt, loss, grad_norm if grads_ok else float("nan"))
             self._reset_step_stats()
             return
         self.bad_streak = 0
@@ -406,6 +408,22 @@ class InfctxModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
             print("infctx fit\n  " + "\n  ".join(self.summary_lines()), flush=True)
+
+
+def deepspeed_grads_finite(engine) -> bool:
+    """Whether every rank's gradients are finite, before DeepSpeed's step. DeepSpeed itself checks only under fp16
+    loss scaling, so a NaN gradient of a bf16 run would reach the weights. ZeRO-1/2/3 move the gradients into their
+    own buffers: their optimizer's inf/nan check looks at the local partition and all-reduces the verdict; without
+    ZeRO the gradients are still in `.grad`."""
+    if engine.zero_optimization_stage() >= 1:
+        return not engine.optimizer.has_overflow(partition_gradients=True)
+    bad = torch.zeros((), device=engine.device)
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            bad = torch.maximum(bad, (~torch.isfinite(p.grad)).any().float())
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad)
 
 
 def zero3_leaf_blocks(model: RWKV) -> None:
