@@ -122,12 +122,12 @@ class BPTTEngine:
         bounds = self._bounds(inputs.shape[1])
         l2 = 1e-4 / inputs.numel() if self.cfg.l2wrap else 0.0  # RWKV-LM: 1e-4 / (B*T) of the whole sequence
         n_pad = max(0, min_segments - len(bounds))
-        full = self.cfg.mode == "full"
-        if full:  # full mode runs (n-1) gradient-free forwards before its first backward: padding joins that count
+        if self.cfg.mode == "full":  # (n-1) gradient-free forwards before the first backward: padding joins that count
             self._padding(inputs.shape[0], state, n_pad, loss_scale, with_grad=False)
-        run = self._full if full else self._truncated
-        loss, final = run(inputs, targets, weights, state, bounds, loss_scale, l2)
-        self._padding(inputs.shape[0], final, n_pad, loss_scale, with_grad=True)
+            loss, final = self._full(inputs, targets, weights, state, bounds, loss_scale, l2)
+            self._padding(inputs.shape[0], final, n_pad, loss_scale, with_grad=True)
+        else:  # padding segments join the truncation windows, so windows end where a rank without padding ends them
+            loss, final = self._truncated(inputs, targets, weights, state, bounds, loss_scale, l2, n_pad)
         return StepResult(loss, n_tokens, len(bounds) + n_pad, final)
 
     @torch.no_grad()
@@ -172,32 +172,45 @@ class BPTTEngine:
             del loss, s_out, objective
         return total, final
 
-    def _truncated(self, inputs, targets, weights, state, bounds, loss_scale, l2) -> tuple[float, State]:
+    def _truncated(self, inputs, targets, weights, state, bounds, loss_scale, l2, n_pad) -> tuple[float, State]:
+        """Backprop every `truncate_every` segments (and at the end), then cut the graph. The n_pad zero-weight
+        segments after the real ones count as segments of the windows: one backward per window either way."""
         k, total, group = self.cfg.truncate_every, 0.0, None
-        for j, (a, b) in enumerate(bounds):
+        n_total = len(bounds) + n_pad
+        for j in range(n_total):
             with torch.enable_grad():
-                loss, state = self._segment(inputs[:, a:b], targets[:, a:b], weights[:, a:b], state, l2)
-            total += loss.item()
+                if j < len(bounds):
+                    a, b = bounds[j]
+                    loss, state = self._segment(inputs[:, a:b], targets[:, a:b], weights[:, a:b], state, l2)
+                    total += loss.item()
+                else:
+                    loss = self._padding_segment(inputs.shape[0], state)
             group = loss if group is None else group + loss
-            if (j + 1) % k == 0 or j == len(bounds) - 1:  # end of a truncation window: backprop it, cut the graph
+            if (j + 1) % k == 0 or j == n_total - 1:  # end of a truncation window: backprop it, cut the graph
                 self.backward(group * loss_scale)
                 group, state = None, state.detach()
         return total, state
 
     def _padding(self, batch: int, state: State, n_pad: int, loss_scale: float, with_grad: bool) -> None:
-        """Zero-weight segments, graph-connected to every parameter, so backward hooks fire exactly as for real ones.
+        """Full mode's padding: n_pad forward(+backward) pairs after the real segments.
 
         with_grad=False runs only their gradient-free forwards (full mode's boundary pass), so a padded rank makes the
         same sequence of forwards and backwards (and so of ZeRO-3 gathers) as a rank with that many real segments."""
+        for _ in range(n_pad):
+            with torch.set_grad_enabled(with_grad):
+                loss = self._padding_segment(batch, state)
+            if with_grad:
+                self.backward(loss * loss_scale)
+
+    def _padding_segment(self, batch: int, state: State) -> Tensor:
+        """A zero-weight segment from a detached state: graph-connected to every parameter (backward hooks fire as
+        for a real one) with a loss that is exactly zero; its output state is dropped."""
         L = self.cfg.segment_len
         device = self.model.emb.weight.device
         tokens = torch.zeros(batch, L, dtype=torch.long, device=device)
         zero_w = torch.zeros(batch, L, dtype=self._weight_dtype(), device=device)
-        for _ in range(n_pad):
-            with torch.set_grad_enabled(with_grad):
-                loss, _ = self._segment(tokens, tokens, zero_w, state.detach(), 0.0)
-            if with_grad:
-                self.backward(loss * loss_scale)
+        loss, _ = self._segment(tokens, tokens, zero_w, state.detach(), 0.0)
+        return loss
 
     # ---- one segment --------------------------------------------------------------------------------------------
     def _segment(self, inputs, targets, weights, state, l2) -> tuple[Tensor, State]:

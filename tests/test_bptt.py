@@ -137,6 +137,22 @@ def test_padding_segments_repeat_the_call_pattern_of_real_ones():
     assert short == real
 
 
+@pytest.mark.parametrize("every", (1, 2, 3))
+def test_truncated_padding_repeats_the_window_pattern(every):
+    """Truncated mode: real (2) + padding segments make the same forward/backward sequence as 5 real segments, for any
+    window length (a window may mix real and padding segments), and the padding adds no gradient."""
+    model = tiny_model(7, seed=1, dtype=torch.float64)
+    inputs, targets, mask = _batch(2)
+    cfg = BPTTConfig(segment_len=5, mode="truncated", truncate_every=every)  # T=23: 5 real segments
+    real = _call_pattern(model, cfg, inputs, targets, mask)
+    assert real == ("F" * every + "B") * (5 // every) + ("F" * (5 % every) + "B" if 5 % every else "")
+    assert _call_pattern(model, cfg, inputs[:, :10], targets[:, :10], mask[:, :10], min_segments=5) == real
+    _, plain = _engine_grads(model, cfg, inputs[:, :10], targets[:, :10], mask[:, :10])
+    result, padded = _engine_grads(model, cfg, inputs[:, :10], targets[:, :10], mask[:, :10], min_segments=5)
+    assert result.n_segments == 5
+    _assert_grads_equal(padded, plain)
+
+
 @pytest.mark.parametrize("every", (1, 2))
 def test_truncated_equals_manual_detach(every):
     model = tiny_model(7, seed=4, dtype=torch.float64)
