@@ -285,7 +285,10 @@ class InfctxModule(pl.LightningModule):
         return float(norm)
 
     def _skip_bad_step(self, opt, loss: float, grad_norm: float | None) -> None:
-        opt.zero_grad(set_to_none=True)
+        if self._deepspeed() is not None:
+            deepspeed_discard_grads(self._deepspeed())
+        else:
+            opt.zero_grad(set_to_none=True)
         self.bad_streak += 1
         dump_dir = Path(self.trainer.default_root_dir) / "nan_dumps"
         dump_dir.mkdir(parents=True, exist_ok=True)
@@ -424,6 +427,15 @@ def deepspeed_grads_finite(engine) -> bool:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bool(bad)
+
+
+def deepspeed_discard_grads(engine) -> None:
+    """Drop a skipped step's gradients the way DeepSpeed does after its own fp16 overflow: zero_grad, and with ZeRO-1/2
+    CPU offload also the offload buffers and their overflow flag (kept until the next step otherwise)."""
+    optimizer = engine.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    if getattr(optimizer, "cpu_offload", False) and hasattr(optimizer, "reset_cpu_buffers"):
+        optimizer.reset_cpu_buffers()
 
 
 def zero3_leaf_blocks(model: RWKV) -> None:
