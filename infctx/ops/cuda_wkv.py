@@ -81,7 +81,7 @@ class _WKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0, split):
         B, T, H, N = r.shape
         ext = load_extension(7, N, r.device)
-        ck, nc = _workspace(ext, r)
+        _, nc = _workspace(ext, r)
         y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
         ckpt = torch.empty(B, H, nc, N, N, device=r.device)
         sa = torch.empty(B, T, H, N, device=r.device)
@@ -137,14 +137,16 @@ class _WKV56(torch.autograd.Function):
 def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
               s0: Tensor | None = None, *, split: int = 0) -> tuple[Tensor, Tensor]:
     """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math. `split` = threads that share one
-    state row/column (0 = by B*H; 2, 4 or 8): a tuning knob, every value gives the same result."""
+    state row/column (0 = the measured default: 2 for N=64, 4 for N=128; else 2, 4 or 8): a tuning knob, every
+    value gives the same result."""
     validate_inputs(7, dict(r=r, w=w, k=k, v=v, a=a, b=b), {}, s0)
     return _WKV7.apply(r, *_like_r(r, w, k, v, a, b), s0, split)
 
 
 def wkv6_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
               s0: Tensor | None = None, *, rows_per_block: int = 0) -> tuple[Tensor, Tensor]:
-    """RWKV-6 WKV on the CUDA kernel; w [B,T,H,N] raw decay logits, u [H,N]; `rows_per_block` = value rows of a head per block (0 = by B*H): a tuning knob."""
+    """RWKV-6 WKV on the CUDA kernel; w [B,T,H,N] raw decay logits, u [H,N]; `rows_per_block` = value rows of a
+    head per block (0 = by B*H): a tuning knob."""
     validate_inputs(6, dict(r=r, w=w, k=k, v=v), dict(u=u), s0)
     return _WKV56.apply(6, r, *_like_r(r, w, k, v, u), s0, rows_per_block)
 
