@@ -10,7 +10,7 @@
 #   bench-train   python3 -m infctx.bench.train, 0.1B, 4k..1M, full+truncated, within BENCH_TRAIN_BUDGET_S (270)
 # Env: OUT (files to bring back; default /tmp/device_run_out), BUDGET_S (570: whole script; a stage that no longer
 # fits is skipped, the last one's timeout is cut), PY (python3), TRAIN_ARGS (extra `infctx fit` overrides),
-# CHECK_CORPUS_MB (64), SKIP_WHEELS=1 (don't pip install .whl/*.whl), KERNELS_VERBOSE=0 (no compiler output).
+# <STAGE>_S (a stage's time, e.g. TESTS_S=120, BENCH_TRAIN_S=300), CHECK_CORPUS_MB (64), SKIP_WHEELS=1 (don't pip install .whl/*.whl), KERNELS_VERBOSE=0 (no compiler output).
 # $OUT gets at most 8 files: <stage>.log per stage (6), summary.txt, results.tgz (new bench/results files, the
 # train-check run's metrics.csv/config/summary, corpus metadata). Needs carry [".whl"] (../shared/device/wheels.sh).
 set -uo pipefail
@@ -40,7 +40,7 @@ for m in ("lightning", "deepspeed", "jsonargparse", "typeshed_client", "datasets
 EOF
 tmo() { local left=$((STAGE_END - $(date +%s))); ((left < 5)) && left=5; timeout -k 10 "$left" "$@"; }
 pack() {  # new result files -> $OUT/results.tgz (written elsewhere first: a kill mid-write leaves the old one)
-  local f; f=$(find bench/results runs/rwkv7-0.1b-zero3-check data/built/check -maxdepth 1 -type f -newer "$MARK" \
+  local f; f=$(find bench/results runs/rwkv7-0.1b-zero3-check data/built/check -maxdepth 2 -type f -newer "$MARK" \
     \( -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.csv' -o -name '*.yaml' -o -name '*.txt' \) 2>/dev/null)
   [ -n "$f" ] && tar czf /tmp/device_run_results.tgz $f && cp /tmp/device_run_results.tgz "$OUT/results.tgz"
 }
@@ -134,6 +134,7 @@ for stage in "${STAGES[@]}"; do
     bench-kernels) want=240 min=60 ;; train-check) want=330 min=200 ;; bench-train) want=340 min=120 ;;
     *) say "[$stage] unknown stage (kernels tests doctor bench-kernels train-check bench-train)"; continue ;;
   esac
+  v=${stage//-/_}_S; v=${v^^}; want=${!v:-$want}  # e.g. TESTS_S=120 caps the tests stage at 120 s
   left=$((T0 + BUDGET_S - $(date +%s) - 10)); STAGE_T=$((want < left ? want : left))
   ((STAGE_T < min)) && { say "[$stage] SKIPPED: ${left}s of BUDGET_S=$BUDGET_S left, it needs >= ${min}s"; continue; }
   start=$(date +%s); STAGE_END=$((start + STAGE_T))
