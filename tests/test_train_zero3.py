@@ -1,8 +1,11 @@
-"""ZeRO-3 on CPU: InfctxModule.configure_model under deepspeed.zero.Init (as Lightning's DeepSpeedStrategy calls it)
-builds partitioned parameters filled from rank 0's weights, and segmented full BPTT through a DeepSpeed ZeRO-3 engine
-(one backward per segment, each closed as its own micro-step; zero-weight padding segments) gives the same loss and
-gradients as the plain model. Lightning's DeepSpeedStrategy needs a GPU, so this drives DeepSpeed directly: CPU
-accelerator, one gloo process, every parameter partitioned (persistence threshold 0).
+"""DeepSpeed on CPU with the trainer's settings for one backward per segment (several per optimizer step).
+
+ZeRO-2 (unmanaged accumulation, deepspeed_segment_config) and ZeRO-3 (InfctxModule.configure_model under
+deepspeed.zero.Init as Lightning's DeepSpeedStrategy calls it, each backward closed as its own micro-step): segmented
+full BPTT with zero-weight padding segments gives the plain model's loss and gradients, and DeepSpeed's own gradient
+norm equals the plain one. Without the settings ZeRO-2 keeps only the last segment's gradient. Lightning's
+DeepSpeedStrategy needs a GPU, so this drives DeepSpeed directly: CPU accelerator, one gloo process, every
+parameter partitioned (persistence threshold 0).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 
 import pytest
 
-ZERO3_RUNNER = r"""
+ZERO_RUNNER = r"""
 import os, sys, types, torch
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 import deepspeed
@@ -23,44 +26,60 @@ torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 from deepspeed.utils import safe_get_full_grad
 from infctx.bptt import BPTTEngine
 from infctx.model import RWKV, ModelConfig
-from infctx.train.module import InfctxModule
+from infctx.train.module import InfctxModule, deepspeed_after_backward, deepspeed_segment_config
 
-DS = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
-      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-for version in (5, 6, 7):
+for stage, version in ((2, 7), (3, 5), (3, 6), (3, 7)):
+    DS = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0,
+          "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0, "overlap_comm": True,
+                                "contiguous_gradients": True}}
+    deepspeed_segment_config(DS)  # what InfctxModule.setup does to the strategy's config
     arch = ModelConfig(version=version, n_layer=2, n_embd=64, head_size=16, vocab_size=64, wkv_backend="torch")
     torch.manual_seed(version)
     ref = RWKV(arch)
     module = InfctxModule(arch, segment_len=8)
-    module._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(zero_stage_3=True, config=DS),
+    module._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(zero_stage_3=stage == 3, config=DS),
                                             is_global_zero=True)
-    module._init_state = ref.state_dict()  # what setup() prepares on rank 0
-    with deepspeed.zero.Init(config_dict_or_path=DS):
+    if stage == 3:
+        module._init_state = ref.state_dict()  # what setup() prepares on rank 0
+        with deepspeed.zero.Init(config_dict_or_path=DS):
+            module.configure_model()
+        assert all(p.ds_tensor is not None and p.numel() == 0 for p in module.model.parameters()), "not partitioned"
+    else:
         module.configure_model()
-    assert all(p.ds_tensor is not None and p.numel() == 0 for p in module.model.parameters()), "not partitioned"
+        module.model.load_state_dict(ref.state_dict())
     engine, *_ = deepspeed.initialize(model=module.model, config=DS,
                                       optimizer=torch.optim.AdamW(module.model.parameters(), lr=1e-3))
 
-    def backward(loss):
+    def backward(loss):  # InfctxModule._backward without Lightning's manual_backward wrapper
         engine.backward(loss)
-        engine.optimizer.clear_backward_seen_flag()
+        deepspeed_after_backward(engine)
 
     module.engine.backward = backward
     tokens = torch.randint(0, 64, (2, 25), generator=torch.Generator().manual_seed(1))  # 3 segments of 8
     got = module.engine.forward_backward(tokens[:, :-1], tokens[:, 1:], min_segments=5)  # + 2 padding segments
     want = BPTTEngine(ref, module.bptt_cfg).forward_backward(tokens[:, :-1], tokens[:, 1:])
-    assert abs(got.loss - want.loss) <= 1e-6 * abs(want.loss), (version, got.loss, want.loss)
+    assert abs(got.loss - want.loss) <= 1e-6 * abs(want.loss), (stage, version, got.loss, want.loss)
     worst, n = 0.0, 0
     for (name, p), q in zip(module.model.named_parameters(), ref.parameters()):
+        if stage != 3:  # unmanaged ZeRO-2 reduces at step(); its gradients show in the norm and the update below
+            break
         g = safe_get_full_grad(p)
         if q.grad is None:
-            assert g is None or not g.any(), (version, name)
+            assert g is None or not g.any(), (stage, version, name)
             continue
-        assert g is not None, (version, name, "no gradient")
+        assert g is not None, (stage, version, name, "no gradient")
         worst = max(worst, ((g - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)).item())
         n += 1
-    assert worst <= 1e-5, (version, worst)
-    print(f"v{version}: loss {got.loss:.6f}, {n} gradients, worst rel diff {worst:.1e}")
+    assert worst <= 1e-5, (stage, version, worst)
+    engine.step()  # DeepSpeed's own norm of the accumulated gradient (before clipping) = the plain model's
+    norm = torch.nn.utils.clip_grad_norm_([q for q in ref.parameters() if q.grad is not None], 1.0).item()
+    assert abs(engine.get_global_grad_norm() - norm) <= 1e-5 * norm, (stage, version, engine.get_global_grad_norm(), norm)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    ref_opt.step()  # the clipped AdamW update equals DeepSpeed's
+    for (name, p), q in zip(module.model.named_parameters(), ref.parameters()):
+        with deepspeed.zero.GatheredParameters([p]) if stage == 3 else torch.no_grad():
+            assert torch.allclose(p.detach(), q.detach(), rtol=1e-5, atol=1e-6), (stage, version, name)
+    print(f"stage {stage} v{version}: loss {got.loss:.6f}, {n} gradients, worst rel diff {worst:.1e}, norm {norm:.4g}")
     engine.destroy()
 """
 
@@ -77,10 +96,11 @@ def _run_one_process(runner: str, tmp_path) -> str:
     return proc.stdout
 
 
-def test_zero3_configure_model_and_bptt_gradients_equal_plain(tmp_path):
+def test_zero_segmented_bptt_gradients_equal_plain(tmp_path):
     pytest.importorskip("deepspeed")
-    out = _run_one_process(ZERO3_RUNNER, tmp_path)
-    assert [line[:3] for line in out.splitlines() if line.startswith("v")] == ["v5:", "v6:", "v7:"]
+    out = _run_one_process(ZERO_RUNNER, tmp_path)
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("stage")] == [
+        "stage 2 v7", "stage 3 v5", "stage 3 v6", "stage 3 v7"]
 
 GUARD_RUNNER = r"""
 import os, sys, torch

@@ -92,6 +92,7 @@ class InfctxModule(pl.LightningModule):
         if ds_config is not None:  # one source of truth: the recipe's model.optim / data.batch_size
             ds_config["gradient_clipping"] = self.optim_cfg.grad_clip or 0.0
             ds_config["train_micro_batch_size_per_gpu"] = self._micro_batch_size()
+            deepspeed_segment_config(ds_config)
         if self.model is None and self._zero3() and self.trainer.is_global_zero:
             self._init_state = self._initial_state_dict()
 
@@ -143,11 +144,8 @@ class InfctxModule(pl.LightningModule):
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.manual_backward(loss)
-        if self._zero3():
-            # ZeRO-3 counts micro-steps per engine.forward() and *copies* (not adds) a backward's gradient
-            # partitions into the buffer on the first micro-step. We run one backward per segment inside a single
-            # forward, so close each backward as its own micro-step: later segments then accumulate.
-            self.trainer.strategy.deepspeed_engine.optimizer.clear_backward_seen_flag()
+        if self._deepspeed() is not None:
+            deepspeed_after_backward(self._deepspeed())
 
     # ---------------------------------------------------------------- optimizer
     def configure_optimizers(self):
@@ -411,6 +409,25 @@ class InfctxModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.is_global_zero:
             print("infctx fit\n  " + "\n  ".join(self.summary_lines()), flush=True)
+
+
+def deepspeed_segment_config(ds_config: dict) -> None:
+    """DeepSpeed settings for one backward per segment, several backwards per optimizer step.
+
+    With DeepSpeed's managed accumulation every backward is an accumulation boundary, and ZeRO-0/1/2 then *copy*
+    each backward's reduced gradients over the previous one: all but the last segment's gradient would be lost.
+    Unmanaged, backwards accumulate and engine.step() is the boundary. ZeRO-3 stays managed (unmanaged ZeRO-3 refuses
+    overlap_comm); it accumulates once each backward is closed as its own micro-step (deepspeed_after_backward)."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        ds_config["managed_gradient_accumulation"] = False
+
+
+def deepspeed_after_backward(engine) -> None:
+    """ZeRO-3 counts micro-steps per engine.forward() and copies (not adds) a backward's gradient partitions on the
+    first one. A training step runs one backward per segment inside a single forward, so each backward is closed as
+    its own micro-step: later segments then accumulate."""
+    if engine.zero_optimization_stage() == 3:
+        engine.optimizer.clear_backward_seen_flag()
 
 
 def deepspeed_grads_finite(engine) -> bool:

@@ -149,7 +149,11 @@ def test_chained_segments_equal_one_call(version):
 
     parts = run(chained, inputs, gy, gs)
     errors = {name: rel_rms(parts[name], whole[name]) for name in whole}
-    assert all(e <= 1e-6 for e in errors.values()), errors
+    # The forward is the same arithmetic either way (y, sT agree to 1e-6). wkv7's backward rebuilds states by
+    # backstepping from end-of-chunk checkpoints, which sit elsewhere when a call starts mid-sequence: gradients
+    # then agree to fp32 rounding, the bound the float64-reference tests use.
+    grad_tol = 1e-5 if version == 7 else 1e-6
+    assert all(e <= (1e-6 if name in ("y", "sT") else grad_tol) for name, e in errors.items()), errors
 
 
 def test_bad_inputs_give_one_clear_line():
