@@ -32,16 +32,17 @@ def gpu_args(corpus, run, init, *extra):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
-def test_deepspeed_gradients_equal_single_device(corpus, tmp_path, ds_config):
+@pytest.mark.parametrize(("ds_config", "fuse"), [("zero2.json", "off"), ("zero3.json", "off"), ("zero3.json", "compile")])
+def test_deepspeed_gradients_equal_single_device(corpus, tmp_path, ds_config, fuse):
+    """fuse=compile: the compiled elementwise regions read ZeRO-3's gathered weights like the eager ones."""
     plain, ds, init = tmp_path / "plain", tmp_path / "ds", tmp_path / "init.pth"
     assert main_init(["--n_layer", "2", "--n_embd", "32", "--head_size", "16", "--vocab", "256",
                       "--output", str(init)]) == 0
-    assert main(gpu_args(corpus, plain, init)) == 0
+    assert main(gpu_args(corpus, plain, init, "--model.arch.fuse", fuse)) == 0
     (tmp_path / "ds.yaml").write_text(
         "trainer:\n  strategy:\n    class_path: lightning.pytorch.strategies.DeepSpeedStrategy\n"
         f"    init_args:\n      config: {REPO / 'recipes/deepspeed' / ds_config}\n")
-    assert main(gpu_args(corpus, ds, init, "--config", str(tmp_path / "ds.yaml"))) == 0
+    assert main(gpu_args(corpus, ds, init, "--model.arch.fuse", fuse, "--config", str(tmp_path / "ds.yaml"))) == 0
     a, b = metrics(plain), metrics(ds)
     seen = {s: (a[s]["train/loss"], b[s]["train/loss"], a[s].get("train/grad_norm"), b[s].get("train/grad_norm"))
             for s in (1, 2, 3)}  # (loss plain, loss ds, grad_norm plain, grad_norm ds) per step, for the message

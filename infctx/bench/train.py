@@ -254,12 +254,14 @@ class Bench:
         if not kernels:
             return dict(error="the profiler recorded no CUDA kernels")
         busy = sum(us for _, us in kernels) / 1e6
-        top: dict[str, float] = {}
+        top: dict[str, list[float]] = {}
         for name, us in kernels:
-            top[name] = top.get(name, 0.0) + us
-        top5 = sorted(top.items(), key=lambda kv: -kv[1])[:5]
+            top.setdefault(name, [0.0, 0])
+            top[name][0] += us
+            top[name][1] += 1
+        ranked = sorted(top.items(), key=lambda kv: -kv[1][0])[:25]
         return dict(shares=time_shares(kernels), gpu_busy=busy / wall, n_kernels=len(kernels),
-                    top=[dict(name=n[:120], cls=classify_kernel(n), ms=us / 1e3) for n, us in top5])
+                    top=[dict(name=n[:160], cls=classify_kernel(n), ms=us / 1e3, calls=c) for n, (us, c) in ranked])
 
 
 def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -> dict:
