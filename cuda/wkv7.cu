@@ -321,11 +321,11 @@ template <int V> using Const = std::integral_constant<int, V>;
 
 // Threads per state index (P) for split == 0. P = 2 was fastest (fwd+bwd) at both B*H = 32 and 128 in the
 // H200 sweep of 2026-12-01 (bench/results/kernels-notes.md); N = 128 takes 4 to hold fewer registers per thread.
-int auto_split(int) { return WKV_N == 128 ? 4 : 2; }
+constexpr int kAutoSplit = WKV_N == 128 ? 4 : 2;
 
 template <class Fn>
-void with_split(int BH, int split, Fn&& f) {
-  if (split == 0) split = auto_split(BH);
+void with_split(int split, Fn&& f) {
+  if (split == 0) split = kAutoSplit;
   TORCH_CHECK(split == 2 || split == 4 || split == 8,
               "wkv7: threads per state index (split) must be 0 (auto), 2, 4 or 8");
   if (split == 2) f(Const<2>{});
@@ -366,7 +366,7 @@ void fwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
     if constexpr (G > 1) {
       fwd_launch<F, G, 8>(r, w, k, v, a, b, s0, y, sT, ckpt, sa);
     } else {
-      with_split(BH, split, [&](auto pc) {
+      with_split(split, [&](auto pc) {
         fwd_launch<F, 1, decltype(pc)::value>(r, w, k, v, a, b, s0, y, sT, ckpt, sa);
       });
     }
@@ -379,7 +379,7 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
                torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da, torch::Tensor db,
                torch::Tensor ds0, int split) {
   const int B = r.size(0), T = r.size(1), H = r.size(2);
-  with_split(B * H, split, [&](auto pc) {
+  with_split(split, [&](auto pc) {
     constexpr int N = WKV_N, P = decltype(pc)::value;
     const size_t smem = size_t(CK) * (kBwdSliced * Sliced<N, P>::kStride + kBwdPlain * N) * sizeof(float);
     auto kern = bwd_kernel<F, N, P>;
