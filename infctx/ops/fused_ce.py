@@ -5,15 +5,17 @@ backward (gigabytes at V = 65536), and the usual fix, checkpointing it in chunks
 softmax in the backward and makes fp32 copies of the logits. Here the forward does all of it, one chunk of tokens at a
 time: logits_c = h_c @ W^T (in the autocast / input dtype), per row logsumexp and the loss in fp32, the gradient wrt
 the logits g_c = w * (softmax - onehot) [+ L2Wrap's term] written over logits_c in place, then dh_c = g_c @ W (kept
-for the backward) and dW += g_c^T @ h_c (fp32 accumulator). The backward only scales dh and dW by the incoming
-gradient. Memory: one chunk of logits at a time, plus dh [N, D] like h and dW [V, D] in fp32.
+for the backward) and dW += g_c^T @ h_c (both fp32, fp64 for fp64). The backward only scales dh and dW by the
+incoming gradient. Memory: one chunk of logits at a time, plus dh [N, D] and dW [V, D] in fp32 until the backward.
 
 On CUDA the per-row pass (max, sum-exp, loss, gradient in place) is a Triton kernel (infctx.ops._fused_ce_triton,
-imported lazily); without triton or CUDA, or for float64, the same pass runs as torch ops in fp32 (fp64 for fp64).
+imported lazily); without triton or CUDA, or for float64, the same pass is F.cross_entropy's own forward and backward
+in fp32 (fp64 for fp64), so on the CPU the fp32 results equal the checkpointed path's bit for bit when both run the
+head as one chunk and the incoming gradient is a power of two (else only the order of roundings differs).
 
-The gradients are stored divided by `scale` = max |weight| (1 when every weight is 0) and multiplied back in the
-backward: weights are typically 1 / (tokens counted), so w * softmax would otherwise sit near the bottom of fp16's
-range; the scaling keeps the stored gradient O(1) in any dtype and is exact up to one rounding.
+The gradients are stored divided by `scale`, the largest power of two not above max |weight| (1 when every weight is
+0), and multiplied back in the backward: weights are typically 1 / (tokens counted), so w * softmax would otherwise sit
+near the bottom of fp16's range; the scaling keeps the stored gradient O(1) in any dtype and, a power of two, is exact.
 
 L2Wrap (infctx.bptt.L2Wrap, RWKV-LM's corrected form): the loss is unchanged; the logits gradient gets
 l2_factor * max_logit added at each row's argmax, and like every other term it is scaled by the incoming gradient.
@@ -22,6 +24,7 @@ l2_factor * max_logit added at each row's argmax, and like every other term it i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -67,20 +70,22 @@ def _use_triton(logits: Tensor, backend: str) -> bool:
 
 def _rows_torch(logits: Tensor, targets: Tensor, weights: Tensor, inv_scale: Tensor | None, l2: float,
                 grad: bool) -> Tensor:
-    """The row pass in torch ops, in fp32 (fp64 for fp64 logits); same contract as the Triton ce_rows."""
+    """The row pass in torch ops, in fp32 (fp64 for fp64 logits); same contract as the Triton ce_rows. It is
+    F.cross_entropy's own forward and backward (on a local graph), so that its results equal the checkpointed path's
+    to the last bit wherever the matmuls do (the scaling is by a power of two)."""
     acc = _acc_dtype(logits.dtype)
     x = logits.to(acc)
-    lse = torch.logsumexp(x, dim=-1)
-    ce = lse - x.gather(1, targets[:, None]).squeeze(1)
-    if grad:
-        w = (weights.to(acc) * inv_scale)[:, None]
-        g = torch.exp(x - lse[:, None]).mul_(w)
-        g.scatter_add_(1, targets[:, None], -w)
-        if l2:
-            mx, ids = x.max(dim=-1, keepdim=True)
-            g.scatter_add_(1, ids, mx * (l2 * inv_scale))
-        logits.copy_(g)
-    return ce
+    if not grad:
+        return F.cross_entropy(x, targets, reduction="none")
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_()
+        ce = F.cross_entropy(xg, targets, reduction="none")
+        (g,) = torch.autograd.grad(ce, xg, weights.to(acc) * inv_scale)
+    if l2:  # L2Wrap's term, rounded as infctx.bptt.L2Wrap rounds it (max * factor), then scaled exactly
+        mx, ids = x.max(dim=-1, keepdim=True)
+        g.scatter_add_(1, ids, (mx * l2) * inv_scale)
+    logits.copy_(g)
+    return ce.detach()
 
 
 def _rows(logits, targets, weights, inv_scale, l2, grad, backend) -> Tensor:
@@ -89,23 +94,23 @@ def _rows(logits, targets, weights, inv_scale, l2, grad, backend) -> Tensor:
     return _rows_torch(logits, targets, weights, inv_scale, l2, grad)
 
 
-_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=fp32) runs there
+_MM_OUT_DTYPE: dict[str, bool] = {}  # device type -> whether torch.mm(..., out_dtype=torch.float32) runs there
 
 
-def _add_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (fp32/fp64) += a @ b, with a low-precision product accumulated by the GEMM in fp32 where torch can."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
+def _mm_wide(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """a @ b returned in `acc` (fp32 / fp64): for a low-precision product straight from the GEMM's fp32 accumulator
+    where torch can (CUDA's mm out_dtype), else rounded to the input dtype first, then widened."""
+    if a.dtype == acc:
+        return torch.mm(a, b)
     dev = a.device.type
-    if _MM_OUT_DTYPE.get(dev, True) and acc.dtype == torch.float32:
+    if acc == torch.float32 and a.dtype in _LOW and _MM_OUT_DTYPE.get(dev, dev == "cuda"):
         try:
-            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            out = torch.mm(a, b, out_dtype=torch.float32)
             _MM_OUT_DTYPE[dev] = True
-            return
+            return out
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE[dev] = False
-    acc.add_(torch.mm(a, b))
+    return torch.mm(a, b).to(acc)
 
 
 def _run(h: Tensor, weight: Tensor, targets: Tensor, weights: Tensor, l2: float, chunk: int, cd: torch.dtype,
@@ -121,22 +126,35 @@ def _run(h: Tensor, weight: Tensor, targets: Tensor, weights: Tensor, l2: float,
     loss = torch.zeros((), device=h.device, dtype=acc)
     dh = dw = scale = inv_scale = None
     if grad:
-        wmax = weights.abs().max() if N else torch.zeros((), device=h.device, dtype=acc)
-        scale = torch.where(wmax > 0, wmax, torch.ones_like(wmax))
+        scale = _pow2_scale(weights)
         inv_scale = 1.0 / scale
-        dh = torch.empty(N, D, device=h.device, dtype=cd) if need_dh else None
-        dw = torch.zeros(V, D, device=h.device, dtype=acc) if need_dw else None
+        dh = torch.empty(N, D, device=h.device, dtype=acc) if need_dh else None
     for a in range(0, N, chunk):
         b = min(N, a + chunk)
         logits = torch.mm(hc[a:b], wc.t())  # [n, V] in cd
         ce = _rows(logits, targets[a:b], weights[a:b], inv_scale, l2, grad, backend)
         loss += (ce.to(acc) * weights[a:b]).sum()
         if need_dh:
-            torch.mm(logits, wc, out=dh[a:b])
+            dh[a:b] = _mm_wide(logits, wc, acc)
         if need_dw:
-            _add_mm(dw, logits.t(), hc[a:b])
+            if dw is None:
+                dw = _mm_wide(logits.t(), hc[a:b], acc)
+            elif cd == acc:
+                dw.addmm_(logits.t(), hc[a:b])
+            else:
+                dw += _mm_wide(logits.t(), hc[a:b], acc)
         del logits
+    if need_dw and dw is None:  # N == 0
+        dw = torch.zeros(V, D, device=h.device, dtype=acc)
     return loss, dh, dw, scale
+
+
+def _pow2_scale(weights: Tensor) -> Tensor:
+    """A power of two within a factor 2 of max |weight| (1 if every weight is 0 or there are none): dividing the stored
+    gradients by it and multiplying back is exact."""
+    wmax = weights.abs().max() if weights.numel() else weights.new_zeros(())
+    scale = torch.ldexp(torch.ones_like(wmax), torch.frexp(wmax).exponent - 1)
+    return torch.where(wmax > 0, scale, torch.ones_like(wmax))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -156,7 +174,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         dh, dw, scale = ctx.saved_tensors
         f = grad_output.to(scale.dtype) * scale if scale is not None else None
-        gh = (dh.to(f.dtype) * f).to(ctx.h_dtype) if dh is not None else None
+        gh = (dh * f).to(ctx.h_dtype) if dh is not None else None
         gw = (dw * f).to(ctx.w_dtype) if dw is not None else None
         return gh, gw, None, None, None, None, None, None
 
