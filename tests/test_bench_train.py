@@ -122,7 +122,8 @@ def test_kernel_classes_and_shares():
 
 
 def _row(model, T, mode, B, tok_s, peak=None, mfu=None, step_s=1.0):
-    r = dict(model=model, T=T, mode=mode, B=B, fill=False, tokens_per_s=tok_s, mfu=mfu, step_s=step_s, segments=1)
+    r = dict(model=model, T=T, mode=mode, B=B, fill=False, tokens_per_s=tok_s, mfu=mfu, step_s=step_s, segments=1,
+             ce="fused")
     if peak is not None:
         r["peak_gib"] = peak
     return r
@@ -178,13 +179,28 @@ def test_fuse_before_after_rows_and_table(dynamo_trace_only):
     res = bt.run(cfg)
     assert [(r["fuse"], r["T"], r["B"]) for r in res["rows"]] == [("off", 64, 2), ("compile", 64, 2)]
     assert all("tokens_per_s" in r for r in res["rows"]) and res["settings"]["fuse"] == ["off", "compile"]
-    (lever,) = bt.fuse_lever(res)
+    (lever,) = bt.lever(res, "fuse", "off", "compile")
     off, on = res["rows"]
     assert lever["speedup"] == pytest.approx(on["tokens_per_s"] / off["tokens_per_s"], rel=1e-12)
-    assert lever["peak_ratio"] is None  # CPU: no allocator peak
+    assert lever["peak_ratio"] is None and lever["other"] == "ce=fused"  # CPU: no allocator peak
     md = bt.markdown(res)
-    assert "| tiny | 64 | full | 2 | 2 | off |" in md and "| tiny | 64 | full | 2 | 2 | compile |" in md
-    assert "## Fusion lever" in md and "| tiny | 64 | full | 2 |" in md.split("## Fusion lever")[1]
-    old = dict(off)
-    del old["fuse"]  # a row written before the option counts as fuse=off
-    assert bt._key(old) == bt._key(off)
+    assert "| tiny | 64 | full | 2 | 2 | off | fused |" in md and "| tiny | 64 | full | 2 | 2 | compile | fused |" in md
+    assert "## Fusion lever" in md and "| tiny | 64 | full | 2 | ce=fused |" in md.split("## Fusion lever")[1]
+    assert "## Head + cross-entropy lever" not in md  # one head+CE path measured: no table
+    old = dict(off, ce="checkpointed")
+    del old["fuse"], old["ce"]  # a row written before the options: fuse=off with the checkpointed head+CE
+    assert bt._key(old) == bt._key(dict(off, ce="checkpointed"))
+
+
+def test_head_ce_before_after_rows_and_table():
+    cfg = bt.BenchConfig(models=(TINY,), seq_lens=(64,), modes=("full",), segment_len=32, batch=2, min_time_s=0.0,
+                         backend="torch", ces=("checkpointed", "fused"), device="cpu", amp=False, peak_tflops=1.0)
+    res = bt.run(cfg)
+    assert [(r["ce"], r["fuse"]) for r in res["rows"]] == [("checkpointed", "off"), ("fused", "off")]
+    (lever,) = bt.lever(res, "ce", "checkpointed", "fused")
+    base, alt = res["rows"]
+    assert lever["speedup"] == pytest.approx(alt["tokens_per_s"] / base["tokens_per_s"], rel=1e-12)
+    assert lever["other"] == "fuse=off" and bt.lever(res, "fuse", "off", "compile") == []
+    md = bt.markdown(res)
+    assert "## Head + cross-entropy lever (ce: fused vs checkpointed" in md and "## Fusion lever" not in md
+    assert "| tiny | 64 | full | 2 | 2 | off | checkpointed |" in md

@@ -18,6 +18,10 @@ Fusion lever: `--fuse off compile` measures every row twice, with ModelConfig.fu
 (the non-WKV elementwise regions through torch.compile, infctx.model.fused), on fresh models of identical weights and
 the same batch (the first setting's fill), and adds a before/after table (tokens/s and peak memory ratios). Compile
 time is kept out of the measurements: a fused row first runs one untimed step of its shape.
+
+Head + cross-entropy lever: `--ce fused checkpointed` measures every row with BPTTConfig.fused_ce on (infctx.ops.fused_ce:
+gradients computed in the forward, no stored logits, no recompute) and off (checkpointed chunks: the head and softmax
+run again in the backward), and adds a before/after table the same way.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class BenchConfig:
     profile_max_tokens: int = 2**17  # ... and B x T up to this (a profiled step is slow to record and parse)
     backend: str = "cuda"
     fuses: tuple[str, ...] = ("off",)  # ModelConfig.fuse settings to measure, each on every row ("off", "compile")
+    ces: tuple[str, ...] = ("fused",)  # head+CE paths to measure, each on every row ("fused", "checkpointed")
     device: str = "cuda"
     amp: bool = True  # bf16 autocast (the trainer's bf16-mixed)
     peak_tflops: float | None = None  # None = from the GPU name
@@ -168,10 +173,10 @@ def plan_rows(cfg: BenchConfig, fill: int) -> list[dict]:
 
 
 class Bench:
-    """One model (one fuse setting) with its optimizer and engine; measures rows on it."""
+    """One model (one fuse setting, one head+CE path) with its optimizer and engine; measures rows on it."""
 
-    def __init__(self, spec: ModelSpec, cfg: BenchConfig, fuse: str = "off"):
-        self.spec, self.cfg, self.fuse = spec, cfg, fuse
+    def __init__(self, spec: ModelSpec, cfg: BenchConfig, fuse: str = "off", ce: str = "fused"):
+        self.spec, self.cfg, self.fuse, self.ce = spec, cfg, fuse, ce
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)  # the same weights for every fuse setting
         with self.device:
@@ -183,7 +188,8 @@ class Bench:
 
     def step(self, B: int, T: int, mode: str) -> None:
         tokens = torch.randint(0, self.spec.vocab_size, (B, T + 1), device=self.device, generator=self.gen)
-        engine = BPTTEngine(self.model, BPTTConfig(segment_len=self.cfg.segment_len, mode=mode))
+        engine = BPTTEngine(self.model, BPTTConfig(segment_len=self.cfg.segment_len, mode=mode,
+                                                   fused_ce=self.ce == "fused"))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
             engine.forward_backward(tokens[:, :-1], tokens[:, 1:])
         self.opt.step()
@@ -274,19 +280,19 @@ def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -
     res = res or dict(rows=[], models={})
     res.update(gpu=gpu, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
                cuda=torch.version.cuda, git=_git_describe(), peak_bf16_tflops=peak,
-               settings=dict(segment_len=cfg.segment_len, backend=cfg.backend, amp_bf16=cfg.amp, fuse=list(cfg.fuses),
+               settings=dict(segment_len=cfg.segment_len, backend=cfg.backend, amp_bf16=cfg.amp, fuse=list(cfg.fuses), ce=list(cfg.ces),
                              optimizer="AdamW (fp32 state" + (", fused)" if cuda else ")"),
                              max_step_tokens=cfg.max_step_tokens,
                              batch=cfg.batch or "fill", budget_s=cfg.budget_s))
     if cfg.batch is None and not cuda:
         raise ValueError("BenchConfig.batch: measuring the memory-filling batch needs a CUDA device; give a batch")
-    runs = [(spec, fuse) for spec in cfg.models for fuse in cfg.fuses]
+    runs = [(spec, fuse, ce) for spec in cfg.models for fuse in cfg.fuses for ce in cfg.ces]
     B_fill: dict[str, int] = {}
-    for i, (spec, fuse) in enumerate(runs):
+    for i, (spec, fuse, ce) in enumerate(runs):
         now = time.perf_counter()
         run_deadline = now + (cfg.budget_s - (now - start)) / (len(runs) - i)
-        bench = Bench(spec, cfg, fuse)
-        if spec.name not in B_fill:  # the first fuse setting of a model measures the batch; the others reuse it
+        bench = Bench(spec, cfg, fuse, ce)
+        if spec.name not in B_fill:  # a model's first setting measures the batch; the others reuse it
             info = dict(n_layer=spec.n_layer, n_embd=spec.n_embd, vocab=spec.vocab_size,
                         params_total=bench.params_total, params_matmul=bench.params,
                         seq_lens=list(cfg.seq_lens), max_step_tokens=cfg.max_step_tokens,
@@ -298,8 +304,9 @@ def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -
             res["models"][spec.name] = info
             on_update(res)
         for row in plan_rows(cfg, B_fill[spec.name]):
-            row = dict(model=spec.name, fuse=fuse, **row)
-            print(f"train {spec.name} T={fmt_len(row['T'])} B={row['B']} {row['mode']} fuse={fuse} ...", flush=True)
+            row = dict(model=spec.name, fuse=fuse, ce=ce, **row)
+            print(f"train {spec.name} T={fmt_len(row['T'])} B={row['B']} {row['mode']} fuse={fuse} ce={ce} ...",
+                  flush=True)
             try:
                 row.update(bench.measure(row, peak, run_deadline - time.perf_counter()))
             except torch.cuda.OutOfMemoryError:
@@ -319,13 +326,18 @@ def _fuse(row: dict) -> str:
     return row.get("fuse", "off")  # rows written before the fuse option ran the plain path
 
 
+def _ce(row: dict) -> str:
+    return row.get("ce", "checkpointed")  # rows written before the fused head+CE ran the checkpointed chunks
+
+
 def _key(row: dict) -> tuple:
-    return row["model"], row["T"], row["mode"], row["B"], _fuse(row)
+    return row["model"], row["T"], row["mode"], row["B"], _fuse(row), _ce(row)
 
 
 def _tag(row: dict) -> str:
-    """'B=4', or 'B=4, fuse=compile' for a row of the fused model."""
-    return f"B={row['B']}" + (f", fuse={_fuse(row)}" if _fuse(row) != "off" else "")
+    """'B=4', plus the settings that differ from the defaults: 'B=4, fuse=compile, ce=checkpointed'."""
+    return (f"B={row['B']}" + (f", fuse={_fuse(row)}" if _fuse(row) != "off" else "")
+            + (f", ce={_ce(row)}" if _ce(row) != "fused" else ""))
 
 
 def _git_describe() -> str | None:
@@ -340,7 +352,7 @@ def _git_describe() -> str | None:
 
 def _find(rows: list[dict], **want) -> dict | None:
     """The measured row matching `want` with the most tokens/s (4k rows of both modes are the same step)."""
-    get = lambda r, k: _fuse(r) if k == "fuse" else r.get(k)  # noqa: E731
+    get = lambda r, k: {"fuse": _fuse, "ce": _ce}.get(k, lambda r: r.get(k))(r)  # noqa: E731
     hits = [r for r in rows if "tokens_per_s" in r and all(get(r, k) == v for k, v in want.items())]
     return max(hits, key=lambda r: r["tokens_per_s"], default=None)
 
@@ -363,12 +375,12 @@ def targets(res: dict) -> list[dict]:
     for model in ("0.1b", "1.5b"):
         for mode, need in (("truncated", 0.95), ("full", 0.7)):
             long = _find(rows, model=model, T=2**20, mode=mode)
-            base = long and _find(rows, model=model, T=4096, B=long["B"], fuse=_fuse(long))
+            base = long and _find(rows, model=model, T=4096, B=long["B"], fuse=_fuse(long), ce=_ce(long))
             v = long["tokens_per_s"] / base["tokens_per_s"] if long and base else None
             out.append(dict(target=f"{model} {mode} BPTT tokens/s at 1M / at 4k (same B)",
                             measured=v and f"{v:.3f} ({_tag(long)})", threshold=f">= {need}",
                             verdict=verdict(v, v is not None and v >= need)))
-            mid = long and _find(rows, model=model, T=16384, mode=mode, B=long["B"], fuse=_fuse(long))
+            mid = long and _find(rows, model=model, T=16384, mode=mode, B=long["B"], fuse=_fuse(long), ce=_ce(long))
             v = long["peak_gib"] / mid["peak_gib"] if long and mid and "peak_gib" in long else None
             out.append(dict(target=f"{model} {mode} peak memory at 1M / at 16k (same B)",
                             measured=v and f"{v:.3f} ({long['peak_gib']:.1f} / {mid['peak_gib']:.1f} GiB)",
@@ -421,18 +433,19 @@ def markdown(res: dict) -> str:
         lines.append(f"| {name} (L{m['n_layer']} D{m['n_embd']} V{m['vocab']}) | {m['params_total'] / 1e6:.1f}M "
                      f"({m['params_matmul'] / 1e6:.1f}M) | {gib(m, 'base_gib')} | {gib(m, 'per_row_gib')} | "
                      f"{m.get('fill_batch', s['batch'])} |")
-    lines += ["", "| model | T | mode | B | segments | fuse | s/step | tokens/s | MFU | peak GiB | WKV | matmul | "
-              "elementwise | copy | GPU busy |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(res["rows"], key=lambda r: (r["model"], r["T"], r["B"], r["mode"], _fuse(r) != "off")):
+    lines += ["", "| model | T | mode | B | segments | fuse | head+CE | s/step | tokens/s | MFU | peak GiB | WKV | "
+              "matmul | elementwise | copy | GPU busy |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: (r["model"], r["T"], r["B"], r["mode"], _fuse(r) != "off",
+                                                _ce(r) != "fused")):
         head = f"| {r['model']} | {fmt_len(r['T'])} | {r['mode']} | {r['B']}{' fill' if r.get('fill') else ''} |"
         if "tokens_per_s" not in r:
-            lines.append(f"{head} | {_fuse(r)} | {r.get('error') or r.get('skipped')} |||||||||")
+            lines.append(f"{head} | {_fuse(r)} | {_ce(r)} | {r.get('error') or r.get('skipped')} |||||||||")
             continue
         p = r.get("profile")
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else ""
         mem = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
         busy = f"{p['gpu_busy']:.0%}" if p and "gpu_busy" in p else ""
-        lines.append(f"{head} {r['segments']} | {_fuse(r)} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mfu} | "
+        lines.append(f"{head} {r['segments']} | {_fuse(r)} | {_ce(r)} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mfu} | "
                      f"{mem} | {_pct(p, 'wkv')} | {_pct(p, 'matmul')} | {_pct(p, 'elementwise')} | "
                      f"{_pct(p, 'copy')} | {busy} |")
     lines += ["", "Kernel shares: one profiled step (torch.profiler, CUDA kernel time by name: WKV = our wkv "
@@ -443,32 +456,43 @@ def markdown(res: dict) -> str:
               "|---|---|---|---|"]
     for t in targets(res):
         lines.append(f"| {t['target']} | {t['measured'] or '—'} | {t['threshold']} | {t['verdict']} |")
-    lever = fuse_lever(res)
-    if lever:
-        lines += ["", "## Fusion lever (ModelConfig.fuse: compile vs off, same rows)", "",
-                  "| model | T | mode | B | tokens/s off | tokens/s compile | speedup | peak GiB off | "
-                  "peak GiB compile | peak ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in lever:
+    for title, field, base, alt in LEVERS:
+        rows = lever(res, field, base, alt)
+        if not rows:
+            continue
+        lines += ["", f"## {title} ({field}: {alt} vs {base}, same rows)", "",
+                  f"| model | T | mode | B | other setting | tokens/s {base} | tokens/s {alt} | speedup | peak GiB {base} | "
+                  f"peak GiB {alt} | peak ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        peak = lambda v: f"{v:.2f}" if v is not None else ""  # noqa: E731
+        for r in rows:
             ratio = f"{r['peak_ratio']:.3f}" if r["peak_ratio"] is not None else ""
-            peak = lambda v: f"{v:.2f}" if v is not None else ""  # noqa: E731
-            lines.append(f"| {r['model']} | {fmt_len(r['T'])} | {r['mode']} | {r['B']} | {r['tok_s_off']:,.0f} | "
-                         f"{r['tok_s_compile']:,.0f} | {r['speedup']:.3f} | {peak(r['peak_off'])} | "
-                         f"{peak(r['peak_compile'])} | {ratio} |")
+            lines.append(f"| {r['model']} | {fmt_len(r['T'])} | {r['mode']} | {r['B']} | {r['other']} | "
+                         f"{r['tok_s_base']:,.0f} | {r['tok_s_alt']:,.0f} | {r['speedup']:.3f} | {peak(r['peak_base'])} | "
+                         f"{peak(r['peak_alt'])} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
-def fuse_lever(res: dict) -> list[dict]:
-    """Rows measured both with fuse off and compile (same model, T, mode, B): tokens/s speedup and peak ratio."""
+LEVERS = (("Fusion lever", "fuse", "off", "compile"), ("Head + cross-entropy lever", "ce", "checkpointed", "fused"))
+
+
+def lever(res: dict, field: str, base: str, alt: str) -> list[dict]:
+    """Rows measured with `field` (fuse or ce) at both `base` and `alt`, everything else equal: tokens/s speedup of
+    alt over base and its peak-memory ratio."""
+    setting = {"fuse": _fuse, "ce": _ce}
     done = {_key(r): r for r in res["rows"] if "tokens_per_s" in r}
     out = []
-    for (model, T, mode, B, fuse), on in sorted(done.items()):
-        off = done.get((model, T, mode, B, "off"))
-        if fuse == "off" or off is None:
+    for key, on in sorted(done.items()):
+        if setting[field](on) != alt:
             continue
+        off = next((r for k, r in done.items() if k[:4] == key[:4] and setting[field](r) == base
+                    and all(f(r) == f(on) for name, f in setting.items() if name != field)), None)
+        if off is None:
+            continue
+        other = ", ".join(f"{name}={f(on)}" for name, f in setting.items() if name != field)
         p_off, p_on = off.get("peak_gib"), on.get("peak_gib")
-        out.append(dict(model=model, T=T, mode=mode, B=B, tok_s_off=off["tokens_per_s"],
-                        tok_s_compile=on["tokens_per_s"], speedup=on["tokens_per_s"] / off["tokens_per_s"],
-                        peak_off=p_off, peak_compile=p_on,
+        out.append(dict(model=key[0], T=key[1], mode=key[2], B=key[3], other=other, tok_s_base=off["tokens_per_s"],
+                        tok_s_alt=on["tokens_per_s"], speedup=on["tokens_per_s"] / off["tokens_per_s"],
+                        peak_base=p_off, peak_alt=p_on,
                         peak_ratio=p_on / p_off if p_off and p_on is not None else None))
     return out
 
@@ -539,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default=BenchConfig.backend, help="WKV backend (default cuda)")
     p.add_argument("--fuse", nargs="+", choices=("off", "compile"), default=list(BenchConfig.fuses),
                    help="ModelConfig.fuse settings, each measured on every row; 'off compile' = before/after")
+    p.add_argument("--ce", nargs="+", choices=("fused", "checkpointed"), default=list(BenchConfig.ces),
+                   help="head+CE paths, each measured on every row; 'checkpointed fused' = before/after")
     p.add_argument("--profile-max-tokens", type=parse_len, default=BenchConfig.profile_max_tokens,
                    help="profile rows with B x T up to this")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak, if the GPU name is not in the table")
@@ -561,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BenchConfig(models=tuple(MODELS[m] for m in args.models), seq_lens=tuple(args.seq_lens),
                       modes=tuple(args.modes), segment_len=args.segment_len, batch=args.batch,
                       max_step_tokens=args.max_step_tokens, budget_s=args.budget_s, backend=args.backend,
-                      fuses=tuple(args.fuse),
+                      fuses=tuple(args.fuse), ces=tuple(args.ce),
                       profile_max_tokens=args.profile_max_tokens,
                       peak_tflops=args.peak_tflops)
     res = run(cfg, lambda r: save(r, args.out), res=prior if args.merge else None)
