@@ -144,8 +144,8 @@ class BPTTEngine:
         total = 0.0
         for a, b in bounds:
             loss, state = self._segment(inputs[:, a:b], targets[:, a:b], weights[:, a:b], state, 0.0)
-            total += loss.item()
-        return StepResult(total, n_tokens, len(bounds), state.detach())
+            total += _wide(loss.detach())  # on the device: no sync per segment
+        return StepResult(float(total), n_tokens, len(bounds), state.detach())
 
     # ---- modes --------------------------------------------------------------------------------------------------
     def _full(self, inputs, targets, weights, state0, bounds, loss_scale, l2) -> tuple[float, State]:
@@ -155,7 +155,7 @@ class BPTTEngine:
             for j in range(len(bounds) - 1):
                 loss, nxt = self._segment(cut(inputs, j), cut(targets, j), cut(weights, j), states[-1], 0.0)
                 states.append(nxt)
-                total += loss.item()
+                total += _wide(loss.detach())  # on the device: no sync per segment
         train_state0 = any(t.requires_grad for t in state0.tensors())  # e.g. state tuning: keep its graph
         carried: tuple[Tensor | None, ...] | None = None
         final = None
@@ -172,11 +172,11 @@ class BPTTEngine:
                     objective = _WithCarriedGrad.apply(objective, dot.to(objective.dtype))
             if j == len(bounds) - 1:
                 final = s_out.detach()
-                total += loss.item()
+                total += _wide(loss.detach())  # on the device: no sync per segment
             self.backward(objective)
             carried = s_in.grads() if j > 0 else None
             del loss, s_out, objective
-        return total, final
+        return float(total), final
 
     def _truncated(self, inputs, targets, weights, state, bounds, loss_scale, l2, n_pad) -> tuple[float, State]:
         """Backprop every `truncate_every` segments (and at the end), then cut the graph. The n_pad zero-weight
@@ -188,14 +188,14 @@ class BPTTEngine:
                 if j < len(bounds):
                     a, b = bounds[j]
                     loss, state = self._segment(inputs[:, a:b], targets[:, a:b], weights[:, a:b], state, l2)
-                    total += loss.item()
+                    total += _wide(loss.detach())  # on the device: no sync per segment
                 else:
                     loss = self._padding_segment(inputs.shape[0], state)
             group = loss if group is None else group + loss
             if (j + 1) % k == 0 or j == n_total - 1:  # end of a truncation window: backprop it, cut the graph
                 self.backward(group * loss_scale)
                 group, state = None, state.detach()
-        return total, state
+        return float(total), state
 
     def _padding(self, batch: int, state: State, n_pad: int, loss_scale: float, with_grad: bool) -> None:
         """Full mode's padding: n_pad forward(+backward) pairs after the real segments.
