@@ -109,35 +109,36 @@ import deepspeed
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 from infctx.model import RWKV, ModelConfig
-from infctx.train.module import deepspeed_discard_grads, deepspeed_grads_finite
+from infctx.train.module import GradWatch, deepspeed_discard_grads, deepspeed_grads_finite, deepspeed_segment_config
 
 for stage, offload in ((0, False), (1, False), (2, False), (2, True), (3, False)):
     DS = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
           "zero_force_ds_cpu_optimizer": False,  # offload with torch's AdamW: no cpu_adam build in a test
           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
                                 **({"offload_optimizer": {"device": "cpu"}} if offload else {})}}
+    deepspeed_segment_config(DS)  # the trainer's settings (unmanaged accumulation below ZeRO-3)
     torch.manual_seed(0)
     model = RWKV(ModelConfig(version=7, n_layer=2, n_embd=64, head_size=16, vocab_size=64, wkv_backend="torch"))
     engine, *_ = deepspeed.initialize(model=model, config=DS,
                                       optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
     tokens = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    poison = [False]  # while set, a NaN gradient in one weight (the loss stays finite)
+    weight = dict(model.named_parameters())["blocks.1.ffn.value.weight"]
+    weight.register_hook(lambda g: torch.full_like(g, float("nan")) if poison[0] else g)
+    watch = GradWatch(model.parameters())  # as InfctxModule.on_train_start makes it (used by unmanaged ZeRO-2)
     verdicts = []
-    for poison in (False, True, False):  # a NaN gradient in one weight while the loss stays finite
-        hook = None
-        if poison:
-            weight = dict(model.named_parameters())["blocks.1.ffn.value.weight"]
-            hook = weight.register_hook(lambda g: torch.full_like(g, float("nan")))
-        logits = engine(tokens[:, :-1])[0]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        assert torch.isfinite(loss)
-        engine.backward(loss)
-        verdicts.append(deepspeed_grads_finite(engine))
-        if hook:
-            hook.remove()
+    for poison[0] in (False, True, False):
+        for _ in range(2):  # two backwards per step, as segments make them
+            logits = engine(tokens[:, :-1])[0]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            assert torch.isfinite(loss)
+            engine.backward(loss)
+        verdicts.append(deepspeed_grads_finite(engine, watch))
         if verdicts[-1]:
             engine.step()
         else:
             deepspeed_discard_grads(engine)  # what the guard does with a skipped step
+        watch.reset()
     print(f"stage {stage}{' offload' if offload else ''}: {verdicts}")
     engine.destroy()
 """

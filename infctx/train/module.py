@@ -82,6 +82,7 @@ class InfctxModule(pl.LightningModule):
         self.samples_seen = 0
         self.bad_streak = 0
         self.accumulate = 1
+        self._grad_watch: GradWatch | None = None  # unmanaged ZeRO-2 only (see deepspeed_grads_finite)
         self._reset_step_stats()
 
     # ---------------------------------------------------------------- model creation
@@ -189,9 +190,14 @@ class InfctxModule(pl.LightningModule):
         self._tok_input = 0  # tokens actually run this step (after trimming, before cross-rank padding)
         self._segments = 0
         self._step_batches: list[dict] = []
+        if self._grad_watch is not None:
+            self._grad_watch.reset()
 
     def on_train_start(self) -> None:
         self._t_last = time.perf_counter()
+        engine = self._deepspeed()
+        if engine is not None and engine.zero_optimization_stage() == 2 and not engine.managed_gradient_accumulation():
+            self._grad_watch = GradWatch(self.model.parameters())
         if self.optim_cfg.schedule != "constant" and self.decay_tokens() is None:
             raise ConfigError("model.optim.decay_tokens is null and trainer.max_steps is unset: cannot decay the lr")
 
@@ -247,7 +253,7 @@ class InfctxModule(pl.LightningModule):
         step_tokens = int(totals[2])
         engine = self._deepspeed()
         grad_norm = self._reduce_and_clip() if engine is None else None
-        grads_ok = engine is None or deepspeed_grads_finite(engine)
+        grads_ok = engine is None or deepspeed_grads_finite(engine, self._grad_watch)
         finite = math.isfinite(loss) and grads_ok and (grad_norm is None or math.isfinite(grad_norm))
         if not finite:
             self._skip_bad_step(opt, loss, grad_norm if grads_ok else float("nan"))
@@ -430,17 +436,47 @@ def deepspeed_after_backward(engine) -> None:
         engine.optimizer.clear_backward_seen_flag()
 
 
-def deepspeed_grads_finite(engine) -> bool:
+class GradWatch:
+    """A tensor hook per parameter that sees each gradient as autograd produces it, before DeepSpeed reduces or
+    partitions it, and remembers (on the device, no sync) whether any value since the last reset was not finite."""
+
+    def __init__(self, params):
+        self._bad: torch.Tensor | None = None
+        self.handles = [p.register_hook(self._see) for p in params if p.requires_grad]
+
+    def _see(self, grad: torch.Tensor) -> None:
+        bad = (~torch.isfinite(grad)).any()
+        self._bad = bad if self._bad is None else self._bad | bad
+
+    def bad(self) -> torch.Tensor:
+        """A 0-dim bool tensor: a non-finite gradient since the last reset (False when no gradient was seen)."""
+        if self._bad is None:
+            return torch.zeros((), dtype=torch.bool)
+        return self._bad
+
+    def reset(self) -> None:
+        self._bad = None
+
+
+def deepspeed_grads_finite(engine, watch: GradWatch | None = None) -> bool:
     """Whether every rank's gradients are finite, before DeepSpeed's step. DeepSpeed itself checks only under fp16
     loss scaling, so a NaN gradient of a bf16 run would reach the weights. ZeRO-1/2/3 move the gradients into their
-    own buffers: their optimizer's inf/nan check looks at the local partition and all-reduces the verdict; without
-    ZeRO the gradients are still in `.grad`."""
-    if engine.zero_optimization_stage() >= 1:
+    own buffers: their optimizer's inf/nan check looks at the local partition and all-reduces the verdict. Without
+    ZeRO, and with ZeRO-1 under unmanaged accumulation (reduced only in step()), the gradients are still in `.grad`.
+    Unmanaged ZeRO-2 reduces each backward into buffers it exposes only inside step(): there `watch` (a GradWatch on
+    the parameters) has seen every local gradient as autograd produced it."""
+    stage, managed = engine.zero_optimization_stage(), engine.managed_gradient_accumulation()
+    if stage == 3 or (stage >= 1 and managed):
         return not engine.optimizer.has_overflow(partition_gradients=True)
-    bad = torch.zeros((), device=engine.device)
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            bad = torch.maximum(bad, (~torch.isfinite(p.grad)).any().float())
+    if stage == 2:
+        if watch is None:
+            raise ValueError("deepspeed_grads_finite: unmanaged ZeRO-2 needs the GradWatch that saw the backwards")
+        bad = watch.bad().to(device=engine.device, dtype=torch.float32)
+    else:
+        bad = torch.zeros((), device=engine.device)
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                bad = torch.maximum(bad, (~torch.isfinite(p.grad)).any().float())
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bool(bad)
