@@ -214,3 +214,14 @@ def test_init_from_pth_starts_where_the_export_left_off(corpus, tmp_path):
     a, b = metrics(first), metrics(second)
     assert abs(b[1]["train/loss"] - a[6]["train/loss"]) < abs(a[1]["train/loss"] - a[6]["train/loss"]) / 3
     assert main(tiny_args(corpus, tmp_path / "bad", 1, "--model.init_from", str(tmp_path / "missing.pth"))) == 2
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_recipe_parses(recipe, capsys):
+    """Each shipped recipe (and the ZeRO-3 check layered on the 0.1B one) is a valid config: unknown or mistyped keys
+    fail here rather than on a GPU machine."""
+    configs = ["--config", str(REPO / "recipes" / recipe)]
+    if recipe == "rwkv7-0.1b-zero3-check.yaml":
+        configs = ["--config", str(REPO / "recipes/rwkv7-0.1b-pretrain.yaml")] + configs
+    assert main(["fit", *configs, "--print_config"]) == 0
+    assert "model:" in capsys.readouterr().out
