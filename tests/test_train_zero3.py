@@ -141,6 +141,9 @@ for stage, offload in ((0, False), (1, False), (2, False), (2, True), (3, False)
         else:
             deepspeed_discard_grads(engine)  # what the guard does with a skipped step
         watch.reset()
+    for name, p in model.named_parameters():  # the skipped step's NaN did not reach the weights in a later step
+        with deepspeed.zero.GatheredParameters([p]) if stage == 3 else torch.no_grad():
+            assert torch.isfinite(p).all(), (stage, offload, name)
     print(f"stage {stage}{' offload' if offload else ''}: {verdicts}")
     engine.destroy()
 """
