@@ -322,16 +322,26 @@ def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -
     return res
 
 
+# A row's settings, each with the value of rows written before the option existed: fuse off (the plain path), the
+# checkpointed head+CE chunks.
+SETTINGS = {"fuse": "off", "ce": "checkpointed"}
+
+
+def _setting(row: dict, name: str) -> str:
+    return row.get(name, SETTINGS[name])
+
+
 def _fuse(row: dict) -> str:
-    return row.get("fuse", "off")  # rows written before the fuse option ran the plain path
+    return _setting(row, "fuse")
 
 
 def _ce(row: dict) -> str:
-    return row.get("ce", "checkpointed")  # rows written before the fused head+CE ran the checkpointed chunks
+    return _setting(row, "ce")
 
 
 def _key(row: dict) -> tuple:
-    return row["model"], row["T"], row["mode"], row["B"], _fuse(row), _ce(row)
+    """(model, T, mode, B, then one value per SETTINGS name, in its order)."""
+    return row["model"], row["T"], row["mode"], row["B"], *(_setting(row, name) for name in SETTINGS)
 
 
 def _tag(row: dict) -> str:
@@ -352,7 +362,7 @@ def _git_describe() -> str | None:
 
 def _find(rows: list[dict], **want) -> dict | None:
     """The measured row matching `want` with the most tokens/s (4k rows of both modes are the same step)."""
-    get = lambda r, k: {"fuse": _fuse, "ce": _ce}.get(k, lambda r: r.get(k))(r)  # noqa: E731
+    get = lambda r, k: _setting(r, k) if k in SETTINGS else r.get(k)  # noqa: E731
     hits = [r for r in rows if "tokens_per_s" in r and all(get(r, k) == v for k, v in want.items())]
     return max(hits, key=lambda r: r["tokens_per_s"], default=None)
 
@@ -478,17 +488,14 @@ LEVERS = (("Fusion lever", "fuse", "off", "compile"), ("Head + cross-entropy lev
 def lever(res: dict, field: str, base: str, alt: str) -> list[dict]:
     """Rows measured with `field` (fuse or ce) at both `base` and `alt`, everything else equal: tokens/s speedup of
     alt over base and its peak-memory ratio."""
-    setting = {"fuse": _fuse, "ce": _ce}
+    at = 4 + list(SETTINGS).index(field)  # the field's place in _key
     done = {_key(r): r for r in res["rows"] if "tokens_per_s" in r}
     out = []
     for key, on in sorted(done.items()):
-        if setting[field](on) != alt:
+        off = done.get(key[:at] + (base,) + key[at + 1:])
+        if key[at] != alt or off is None:
             continue
-        off = next((r for k, r in done.items() if k[:4] == key[:4] and setting[field](r) == base
-                    and all(f(r) == f(on) for name, f in setting.items() if name != field)), None)
-        if off is None:
-            continue
-        other = ", ".join(f"{name}={f(on)}" for name, f in setting.items() if name != field)
+        other = ", ".join(f"{name}={_setting(on, name)}" for name in SETTINGS if name != field)
         p_off, p_on = off.get("peak_gib"), on.get("peak_gib")
         out.append(dict(model=key[0], T=key[1], mode=key[2], B=key[3], other=other, tok_s_base=off["tokens_per_s"],
                         tok_s_alt=on["tokens_per_s"], speedup=on["tokens_per_s"] / off["tokens_per_s"],
