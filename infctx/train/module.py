@@ -145,8 +145,9 @@ class InfctxModule(pl.LightningModule):
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.manual_backward(loss)
-        if self._deepspeed() is not None:
-            deepspeed_after_backward(self._deepspeed())
+        engine = self._deepspeed()
+        if engine is not None:
+            deepspeed_after_backward(engine)
 
     # ---------------------------------------------------------------- optimizer
     def configure_optimizers(self):
@@ -268,8 +269,8 @@ class InfctxModule(pl.LightningModule):
         # batches were trimmed or split across ranks. tokens/s counts the tokens actually run (trimmed, unpadded).
         self.tokens_seen += self.tokens_per_step()
         self.samples_seen += self._micro_batch_size() * self.trainer.world_size * self.accumulate
-        if grad_norm is None and self._deepspeed() is not None:
-            grad_norm = self._deepspeed().get_global_grad_norm()
+        if engine is not None:
+            grad_norm = engine.get_global_grad_norm()
         self._log_step(loss, lr, step_tokens, grad_norm)
         self._reset_step_stats()
 
