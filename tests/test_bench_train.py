@@ -204,3 +204,20 @@ def test_head_ce_before_after_rows_and_table():
     md = bt.markdown(res)
     assert "## Head + cross-entropy lever (ce: fused vs checkpointed" in md and "## Fusion lever" not in md
     assert "| tiny | 64 | full | 2 | 2 | off | checkpointed |" in md
+
+
+def test_merge_keeps_the_first_runs_header_and_marks_new_rows(smoke, tmp_path):
+    _, res, _ = smoke
+    first = json.loads(json.dumps(res))
+    first["models"]["tiny"]["fill_batch"] = 7  # as if the first run had measured the filling batch
+    cfg = bt.BenchConfig(models=(TINY,), seq_lens=(256,), modes=("full",), segment_len=32, batch=1, min_time_s=0.0,
+                         backend="torch", device="cpu", amp=False, peak_tflops=1.0)
+    merged = bt.run(cfg, res=json.loads(json.dumps(first)))
+    assert merged["settings"] == first["settings"] and merged["date"] == first["date"]
+    assert merged["models"]["tiny"]["fill_batch"] == 7
+    assert merged["rows"][:4] == first["rows"] and len(merged["rows"]) == 5
+    new = merged["rows"][-1]
+    assert (new["T"], new["B"], new["run"]) == (256, 1, 1)
+    assert merged["merged_runs"][0]["settings"]["batch"] == 1
+    md = bt.markdown(merged)
+    assert "| tiny | 256 | full (run 1) | 1 | 8 |" in md and "Rows marked (run 1) were added later" in md

@@ -277,13 +277,18 @@ def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -
     cuda = cfg.device == "cuda"
     gpu = torch.cuda.get_device_name(cfg.device) if cuda else "cpu"
     peak = cfg.peak_tflops or (peak_tflops_for(gpu) if cuda else None)
+    merging = bool(res and res.get("rows"))
     res = res or dict(rows=[], models={})
-    res.update(gpu=gpu, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
-               cuda=torch.version.cuda, git=_git_describe(), peak_bf16_tflops=peak,
-               settings=dict(segment_len=cfg.segment_len, backend=cfg.backend, amp_bf16=cfg.amp, fuse=list(cfg.fuses), ce=list(cfg.ces),
+    stamp = dict(gpu=gpu, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
+                 cuda=torch.version.cuda, git=_git_describe())
+    settings = dict(segment_len=cfg.segment_len, backend=cfg.backend, amp_bf16=cfg.amp, fuse=list(cfg.fuses), ce=list(cfg.ces),
                              optimizer="AdamW (fp32 state" + (", fused)" if cuda else ")"),
                              max_step_tokens=cfg.max_step_tokens,
-                             batch=cfg.batch or "fill", budget_s=cfg.budget_s))
+                             batch=cfg.batch or "fill", budget_s=cfg.budget_s)
+    if merging:  # the header keeps the first run's settings; the new rows say which run measured them
+        res.setdefault("merged_runs", []).append(dict(stamp, settings=settings))
+    else:
+        res.update(stamp, peak_bf16_tflops=peak, settings=settings)
     if cfg.batch is None and not cuda:
         raise ValueError("BenchConfig.batch: measuring the memory-filling batch needs a CUDA device; give a batch")
     runs = [(spec, fuse, ce) for spec in cfg.models for fuse in cfg.fuses for ce in cfg.ces]
@@ -292,6 +297,8 @@ def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -
         now = time.perf_counter()
         run_deadline = now + (cfg.budget_s - (now - start)) / (len(runs) - i)
         bench = Bench(spec, cfg, fuse, ce)
+        if merging and cfg.batch and spec.name in res["models"]:  # keep the first run's model info (fill batch)
+            B_fill[spec.name] = cfg.batch
         if spec.name not in B_fill:  # a model's first setting measures the batch; the others reuse it
             info = dict(n_layer=spec.n_layer, n_embd=spec.n_embd, vocab=spec.vocab_size,
                         params_total=bench.params_total, params_matmul=bench.params,
@@ -304,7 +311,7 @@ def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -
             res["models"][spec.name] = info
             on_update(res)
         for row in plan_rows(cfg, B_fill[spec.name]):
-            row = dict(model=spec.name, fuse=fuse, ce=ce, **row)
+            row = dict(model=spec.name, fuse=fuse, ce=ce, **row, **(dict(run=len(res["merged_runs"])) if merging else {}))
             print(f"train {spec.name} T={fmt_len(row['T'])} B={row['B']} {row['mode']} fuse={fuse} ce={ce} ...",
                   flush=True)
             try:
@@ -447,7 +454,8 @@ def markdown(res: dict) -> str:
               "matmul | elementwise | copy | GPU busy |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: (r["model"], r["T"], r["B"], r["mode"], _fuse(r) != "off",
                                                 _ce(r) != "fused")):
-        head = f"| {r['model']} | {fmt_len(r['T'])} | {r['mode']} | {r['B']}{' fill' if r.get('fill') else ''} |"
+        run = f" (run {r['run']})" if "run" in r else ""
+        head = f"| {r['model']} | {fmt_len(r['T'])} | {r['mode']}{run} | {r['B']}{' fill' if r.get('fill') else ''} |"
         if "tokens_per_s" not in r:
             lines.append(f"{head} | {_fuse(r)} | {_ce(r)} | {r.get('error') or r.get('skipped')} |||||||||")
             continue
@@ -458,6 +466,10 @@ def markdown(res: dict) -> str:
         lines.append(f"{head} {r['segments']} | {_fuse(r)} | {_ce(r)} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {mfu} | "
                      f"{mem} | {_pct(p, 'wkv')} | {_pct(p, 'matmul')} | {_pct(p, 'elementwise')} | "
                      f"{_pct(p, 'copy')} | {busy} |")
+    for n, m in enumerate(res.get("merged_runs", []), 1):
+        lines.append(f"\nRows marked (run {n}) were added later with --merge: {m['date']}, {m['gpu']}, code "
+                     f"{m.get('git') or 'unknown revision'}, batch {m['settings']['batch']}, "
+                     f"fuse {'/'.join(m['settings']['fuse'])}, head+CE {'/'.join(m['settings']['ce'])}.")
     lines += ["", "Kernel shares: one profiled step (torch.profiler, CUDA kernel time by name: WKV = our wkv "
               "kernels, matmul = cuBLAS/CUTLASS/nvjet, copy = memcpy/memset, elementwise = everything else incl. "
               "norms, reductions and cross-entropy, and the compiled regions' fused kernels); GPU busy = summed "
