@@ -136,6 +136,19 @@ def agreement(version: int) -> float:
     return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
 
 
+def shape_rows(version: int, B: int, T: int, H: int, times: dict[str, dict], cfg: BenchConfig) -> list[dict]:
+    """One row per impl timed on this shape; ours get their speedup once fla has been timed."""
+    rows = []
+    for name, t in times.items():
+        row = dict(version=version, impl=name, B=B, T=T, H=H, N=cfg.head_size, **t)
+        if "ms_fwd_bwd" in t:
+            row["mtok_s"] = round(B * T / t["ms_fwd_bwd"] / 1e3, 3)
+        if name.startswith("ours") and "ms_fwd_bwd" in times.get("fla", {}) and "ms_fwd_bwd" in t:
+            row["speedup_vs_fla"] = round(times["fla"]["ms_fwd_bwd"] / t["ms_fwd_bwd"], 3)
+        rows.append(row)
+    return rows
+
+
 def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) -> dict:
     """Time every (version, shape, impl); `on_update` gets the partial result after each row (so a run cut
     short still leaves its numbers on disk)."""
@@ -169,15 +182,10 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
                     times[name] = dict(error="out of memory")
                 del x
                 torch.cuda.empty_cache()
-            for name, t in times.items():
-                row = dict(version=version, impl=name, B=B, T=T, H=H, N=cfg.head_size, **t)
-                if "ms_fwd_bwd" in t:
-                    row["mtok_s"] = round(B * T / t["ms_fwd_bwd"] / 1e3, 3)
-                if name.startswith("ours") and "ms_fwd_bwd" in times.get("fla", {}) and "ms_fwd_bwd" in t:
-                    row["speedup_vs_fla"] = round(times["fla"]["ms_fwd_bwd"] / t["ms_fwd_bwd"], 3)
-                res["rows"].append(row)
-                print(json.dumps(row), flush=True)
-            on_update(res)
+                same = lambda r: (r["version"], r["B"], r["T"], r["H"]) == (version, B, T, H)  # noqa: E731
+                res["rows"] = [r for r in res["rows"] if not same(r)] + shape_rows(version, B, T, H, times, cfg)
+                print(json.dumps(res["rows"][-1]), flush=True)
+                on_update(res)  # after every impl: a run cut short mid-shape keeps what it timed
         if "fla" in impls:
             res["y_agreement_vs_fla"][f"wkv{version}"] = agreement(version)
             on_update(res)
