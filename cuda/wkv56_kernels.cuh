@@ -1,16 +1,21 @@
 // RWKV-5/6 WKV kernels with state in/out and exact gradients; included by wkv5.cu (decay constant over time,
 // w [H,N]) and wkv6.cu (decay per token, w [B,T,H,N]) with WKV_TIME_DECAY set accordingly.
 //   y_t = S_{t-1} r_t + v_t (sum_j u_j k_tj r_tj),  S_t = S_{t-1} diag(d_t) + v_t k_t^T,  d_t = exp(-exp(w_t))
-// Same structure as wkv7.cu (see the comment there and wkv::Tile): rows of a head split over G blocks, P threads
-// per row in the forward, checkpoints every CK tokens, column-slice recompute into a scratch in the backward, dS
-// kept as row and column slices. No per-token exchange is needed here: every sum is a row or a column sum.
+// Rows of a head split over G blocks (wkv::Tile), P threads per row in the forward, checkpoints every CK tokens,
+// column-slice recompute into a scratch in the backward, dS kept as row and column slices. No per-token exchange
+// is needed here: every sum is a row or a column sum. As in wkv7.cu, the next chunk's inputs (and in the backward
+// its checkpoint) are loaded into registers while the current chunk is computed (wkv::ChunkShare), so global
+// latency stays off the sequential token loop. (The decay can be ~0 here, so wkv7's backstepping does not apply.)
 #include "wkv_common.cuh"
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
+using wkv::ChunkShare;
 using wkv::CK;
 using wkv::group_sum;
+using wkv::ident;
+using wkv::plain;
 
 namespace {
 
@@ -18,24 +23,35 @@ constexpr bool kTimeDecay = WKV_TIME_DECAY;
 constexpr int kDecayRows = kTimeDecay ? CK : 1;  // wkv5 keeps one decay row for every token
 
 __device__ __forceinline__ float decay56(float w) { return expf(-expf(w)); }
+__device__ __forceinline__ float exp_w(float w) { return expf(w); }  // d(decay)/dw = -decay e^w
 
-// Offset of decay logit w for token t, feature 0 of head h.
-__device__ __forceinline__ int64_t w_off(int b, int t, int h, int T, int H, int N) {
-  return kTimeDecay ? wkv::seq_off(b, t, h, T, H, N) : int64_t(h) * N;
-}
+// The next chunk's key-side inputs (r, k and wkv6's w: all N features) and its value-side inputs for this block's R rows
+// (v in the forward; v and dy in the backward), in registers until the chunk before it is done.
+template <typename F, class Tl>
+struct NextChunk {
+  static constexpr int N = Tl::N, R = Tl::R, kThreads = Tl::kThreads;
+  ChunkShare<N, N, kThreads, F> r, k, w;
+  ChunkShare<N, R, kThreads, F> v, dy;
 
-// Shared per-chunk key-side vectors r, k, decay (decay: CK rows for wkv6, one row for wkv5) and u.
-template <typename F, int N, int kThreads>
-__device__ __forceinline__ void load_keys(float (*sr)[N], float (*sk)[N], float (*sd)[N], const F* r, const F* k,
-                                          const F* w, int b, int t0, int L, int h, int T, int H) {
-  for (int e = threadIdx.x; e < L * N; e += kThreads) {
-    const int l = e / N, x = e % N;
-    const int64_t o = wkv::seq_off(b, t0 + l, h, T, H, N) + x;
-    sr[l][x] = wkv::to_f(r[o]);
-    sk[l][x] = wkv::to_f(k[o]);
-    if (kTimeDecay) sd[l][x] = decay56(wkv::to_f(w[o]));
+  template <bool kWithDy>
+  __device__ __forceinline__ void load(const F* r_, const F* k_, const F* w_, const F* v_, const F* dy_, int b,
+                                       int t0, int T, int h, int H, int g) {
+    const int L = min(CK, T - t0);
+    r.load(r_, b, t0, L, h, T, H);
+    k.load(k_, b, t0, L, h, T, H);
+    if constexpr (kTimeDecay) w.load(w_, b, t0, L, h, T, H);
+    v.load(v_, b, t0, L, h, T, H, g * R);
+    if constexpr (kWithDy) dy.load(dy_, b, t0, L, h, T, H, g * R);
   }
-}
+
+  // r, k -> sr, sk; wkv6's decay -> sd; v -> sv
+  __device__ __forceinline__ void store(float* sr, float* sk, float* sd, float* sv) const {
+    r.store(sr, N, plain, ident);
+    k.store(sk, N, plain, ident);
+    if constexpr (kTimeDecay) w.store(sd, N, plain, decay56);
+    v.store(sv, R, plain, ident);
+  }
+};
 
 template <typename F, class Tl>
 __global__ void __launch_bounds__(Tl::kThreads) fwd_kernel(int T, int H, const F* __restrict__ r,
@@ -57,18 +73,17 @@ __global__ void __launch_bounds__(Tl::kThreads) fwd_kernel(int T, int H, const F
   const float* s0row = s0 + (int64_t(bh) * N + i) * N;
 #pragma unroll
   for (int jj = 0; jj < M; ++jj) S[jj] = s0row[jj * P + p];
+  NextChunk<F, Tl> next;
+  next.template load<false>(r, k, w, v, nullptr, bb, 0, T, h, H, g);
   for (int c = 0; c < nc; ++c) {
     const int t0 = c * CK, L = min(CK, T - t0);
     float* cp = ckpt + ((int64_t(bh) * nc + c) * N + i) * N;
 #pragma unroll
     for (int jj = 0; jj < M; ++jj) cp[jj * P + p] = S[jj];
+    __syncthreads();  // the previous chunk is done with the shared inputs
+    next.store(&sr[0][0], &sk[0][0], &sd[0][0], &sv[0][0]);
     __syncthreads();
-    load_keys<F, N, Tl::kThreads>(sr, sk, sd, r, k, w, bb, t0, L, h, T, H);
-    for (int e = threadIdx.x; e < L * R; e += Tl::kThreads) {
-      const int l = e / R, x = e % R;
-      sv[l][x] = wkv::to_f(v[wkv::seq_off(bb, t0 + l, h, T, H, N) + g * R + x]);
-    }
-    __syncthreads();
+    if (c + 1 < nc) next.template load<false>(r, k, w, v, nullptr, bb, t0 + CK, T, h, H, g);
     for (int l = 0; l < L; ++l) {
       const float vi = sv[l][il];
       const int ld = kTimeDecay ? l : 0;
@@ -118,8 +133,8 @@ __global__ void __launch_bounds__(Tl::kThreads) bwd_kernel(int T, int H, const F
   constexpr int N = Tl::N, R = Tl::R, P = Tl::P, M = Tl::M, Q = Tl::Q, MC = Tl::MC, RS = Tl::RS;
   extern __shared__ __align__(16) float smem[];
   float (*sr)[N] = reinterpret_cast<float (*)[N]>(smem);
-  float (*sk)[N] = sr + CK, (*su)[N] = sk + CK, (*sd)[N] = su + 1;
-  float (*sdy)[R] = reinterpret_cast<float (*)[R]>(sd + kDecayRows);
+  float (*sk)[N] = sr + CK, (*su)[N] = sk + CK, (*sd)[N] = su + 1, (*sew)[N] = sd + kDecayRows;  // sew: e^w
+  float (*sdy)[R] = reinterpret_cast<float (*)[R]>(sew + kDecayRows);
   float (*sv)[R] = sdy + CK;
   const int bh = blockIdx.x / Tl::G, g = blockIdx.x % Tl::G, bb = bh / H, h = bh % H;
   const int il = threadIdx.x / P, p = threadIdx.x % P, i = g * R + il;  // row role
@@ -128,7 +143,10 @@ __global__ void __launch_bounds__(Tl::kThreads) bwd_kernel(int T, int H, const F
   float* scr = Tl::kSmemScratch ? reinterpret_cast<float*>(sv + CK) : scratch + int64_t(blockIdx.x) * CK * R * N;
   for (int x = threadIdx.x; x < N; x += Tl::kThreads) {
     su[0][x] = wkv::to_f(u[h * N + x]);
-    if (!kTimeDecay) sd[0][x] = decay56(wkv::to_f(w[h * N + x]));
+    if (!kTimeDecay) {
+      sd[0][x] = decay56(wkv::to_f(w[h * N + x]));
+      sew[0][x] = exp_w(wkv::to_f(w[h * N + x]));
+    }
   }
   __syncthreads();
   const float uj = su[0][jc];
@@ -139,22 +157,27 @@ __global__ void __launch_bounds__(Tl::kThreads) bwd_kernel(int T, int H, const F
   for (int jj = 0; jj < M; ++jj) Grow[jj] = g0[i * N + jj * P + p];
 #pragma unroll
   for (int ii = 0; ii < MC; ++ii) Gcol[ii] = g0[(g * R + ii * Q + q) * N + jc];
+  NextChunk<F, Tl> next;
+  float nS[MC];  // the next chunk's checkpoint: this thread's column slice of S at the chunk's start
+  auto prefetch = [&](int c) {
+    next.template load<true>(r, k, w, v, dy, bb, c * CK, T, h, H, g);
+    const float* cp = ckpt + (int64_t(bh) * nc + c) * N * N + g * R * N + jc;
+#pragma unroll
+    for (int ii = 0; ii < MC; ++ii) nS[ii] = cp[(ii * Q + q) * N];
+  };
+  prefetch(nc - 1);
   for (int c = nc - 1; c >= 0; --c) {
     const int t0 = c * CK, L = min(CK, T - t0);
-    __syncthreads();
-    load_keys<F, N, Tl::kThreads>(sr, sk, sd, r, k, w, bb, t0, L, h, T, H);
-    for (int e = threadIdx.x; e < L * R; e += Tl::kThreads) {
-      const int l = e / R, x = e % R;
-      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + g * R + x;
-      sdy[l][x] = wkv::to_f(dy[o]);
-      sv[l][x] = wkv::to_f(v[o]);
-    }
-    __syncthreads();
-    {  // recompute this thread's column slice of S_{t-1} for every token of the chunk into the scratch
-      const float* cp = ckpt + (int64_t(bh) * nc + c) * N * N + g * R * N + jc;
-      float Sc[MC];
+    float Sc[MC];
 #pragma unroll
-      for (int ii = 0; ii < MC; ++ii) Sc[ii] = cp[(ii * Q + q) * N];
+    for (int ii = 0; ii < MC; ++ii) Sc[ii] = nS[ii];
+    __syncthreads();  // the previous chunk is done with the shared inputs
+    next.store(&sr[0][0], &sk[0][0], &sd[0][0], &sv[0][0]);
+    next.dy.store(&sdy[0][0], R, plain, ident);
+    if constexpr (kTimeDecay) next.w.store(&sew[0][0], N, plain, exp_w);
+    __syncthreads();
+    if (c > 0) prefetch(c - 1);
+    {  // recompute this thread's column slice of S_{t-1} for every token of the chunk into the scratch
       for (int l = 0; l < L; ++l) {
         float* dst = scr + l * R * RS + jc;
         const float dj = sd[kTimeDecay ? l : 0][jc], kj = sk[l][jc];
@@ -200,7 +223,7 @@ __global__ void __launch_bounds__(Tl::kThreads) bwd_kernel(int T, int H, const F
       dkj = group_sum<Q>(dkj) + uj * rj * dyv;
       ddj = group_sum<Q>(ddj);
       du_acc += rj * kj * dyv;
-      const float dwj = -ddj * dj * expf(wkv::to_f(w[w_off(bb, t0 + l, h, T, H, N) + jc]));
+      const float dwj = -ddj * dj * sew[ld][jc];
       if (!kTimeDecay) dw_acc += dwj;
       if (q == 0) out.put(o + jc, drj, dkj, dwj);
     }
@@ -264,7 +287,7 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
       acc = torch::zeros({3, r.numel()}, r.options().dtype(torch::kFloat));
       out.acc = acc.data_ptr<float>();
     }
-    const size_t smem = (size_t(2 * CK + 1 + kDecayRows) * Tl::N + size_t(2 * CK) * Tl::R +
+    const size_t smem = (size_t(2 * CK + 1 + 2 * kDecayRows) * Tl::N + size_t(2 * CK) * Tl::R +
                          (Tl::kSmemScratch ? size_t(CK) * Tl::R * Tl::RS : 0)) * sizeof(float);
     torch::Tensor scr = scratch;  // global recompute scratch, only for tiles whose scratch is not in shared memory
     if (!Tl::kSmemScratch && scr.numel() < int64_t(B) * H * Tl::G * CK * Tl::R * Tl::N)

@@ -19,15 +19,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 
+using wkv::ChunkShare;
 using wkv::CK;
 using wkv::group_sum;
+using wkv::ident;
+using wkv::plain;
 
 namespace {
 
 constexpr float kDecayScale = 0.60653065971263342f;  // e^{-1/2}
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-__device__ __forceinline__ float ident(float x) { return x; }
 __device__ __forceinline__ float decay7(float w) { return expf(-kDecayScale * sigmoid(w)); }
 
 // Shared layout of one token's N-vector for threads that hold M = N/P consecutive entries each: slice p at
@@ -38,36 +40,6 @@ struct Sliced {
   static_assert(M % 4 == 0, "slices are read as float4");
   __device__ __forceinline__ static int at(int j) { return (j / M) * kPitch + j % M; }
 };
-
-// One thread's share of a chunk (CK tokens x W features starting at feature x0) of a [B,T,H,N] tensor, held in
-// registers: loaded for the next chunk while the current one is computed, so global latency stays off the
-// sequential path. Element n of the share is e = threadIdx.x + n * kThreads (coalesced); tokens past T read 0.
-template <int N, int W, int kThreads, typename F>
-struct ChunkShare {
-  static constexpr int E = CK * W / kThreads;
-  static_assert(E >= 1 && CK * W % kThreads == 0, "a chunk must split evenly over the block");
-  float x[E];
-
-  __device__ __forceinline__ void load(const F* src, int bb, int t0, int L, int h, int T, int H, int x0 = 0) {
-#pragma unroll
-    for (int n = 0; n < E; ++n) {
-      const int e = threadIdx.x + n * kThreads, l = e / W;
-      x[n] = l < L ? wkv::to_f(src[wkv::seq_off(bb, t0 + l, h, T, H, N) + x0 + e % W]) : 0.f;
-    }
-  }
-
-  // dst[l * stride + at(x)] = fn(value of (l, x))
-  template <class At, class Fn>
-  __device__ __forceinline__ void store(float* dst, int stride, At at, Fn fn) const {
-#pragma unroll
-    for (int n = 0; n < E; ++n) {
-      const int e = threadIdx.x + n * kThreads;
-      dst[(e / W) * stride + at(e % W)] = fn(x[n]);
-    }
-  }
-};
-
-__device__ __forceinline__ int plain(int x) { return x; }
 
 // Dot product of a thread's M register entries with its slice of a sliced shared vector.
 template <int M>

@@ -54,6 +54,37 @@ template <int W> __device__ __forceinline__ float group_sum(float x) {
   return x;
 }
 
+__device__ __forceinline__ float ident(float x) { return x; }
+__device__ __forceinline__ int plain(int x) { return x; }
+
+// One thread's share of a chunk (CK tokens x W features starting at feature x0) of a [B,T,H,N] tensor, held in
+// registers: loaded for the next chunk while the current one is computed, so global latency stays off the
+// sequential path. Element n of the share is e = threadIdx.x + n * kThreads (coalesced); tokens past T read 0.
+template <int N, int W, int kThreads, typename F>
+struct ChunkShare {
+  static constexpr int E = CK * W / kThreads;
+  static_assert(E >= 1 && CK * W % kThreads == 0, "a chunk must split evenly over the block");
+  float x[E];
+
+  __device__ __forceinline__ void load(const F* src, int bb, int t0, int L, int h, int T, int H, int x0 = 0) {
+#pragma unroll
+    for (int n = 0; n < E; ++n) {
+      const int e = threadIdx.x + n * kThreads, l = e / W;
+      x[n] = l < L ? to_f(src[seq_off(bb, t0 + l, h, T, H, N) + x0 + e % W]) : 0.f;
+    }
+  }
+
+  // dst[l * stride + at(x)] = fn(value of (l, x))
+  template <class At, class Fn>
+  __device__ __forceinline__ void store(float* dst, int stride, At at, Fn fn) const {
+#pragma unroll
+    for (int n = 0; n < E; ++n) {
+      const int e = threadIdx.x + n * kThreads;
+      dst[(e / W) * stride + at(e % W)] = fn(x[n]);
+    }
+  }
+};
+
 // Blocks may need more than the default 48 KB of dynamic shared memory (head size 128).
 template <typename K> inline void allow_smem(K kernel, size_t bytes) {
   if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
