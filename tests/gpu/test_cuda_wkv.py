@@ -109,15 +109,17 @@ def test_wkv7_head_size_128(shape, dtype, split):
 def test_wkv7_decay_near_one_and_strong():
     """Backstepping divides by the decay: check the extremes of sigmoid (w = +-12) against the oracle in fp32."""
     inputs = make_inputs(7, 2, 50, 2, 64, torch.float32, seed=11)
-    extremes = torch.where(torch.rand_like(inputs["w"]) < 0.5, -12.0, 12.0)
     B, T, H, N = inputs["r"].shape
     g = torch.Generator(device="cuda").manual_seed(12)
+    extremes = torch.where(torch.rand(B, T, H, N, generator=g, device="cuda") < 0.5, -12.0, 12.0)
     gy, gs = torch.randn(B, T, H, N, generator=g, device="cuda"), torch.randn(B, H, N, N, generator=g, device="cuda")
     inputs["w"] = extremes.contiguous()
     got = run(ops.get_wkv(7, "cuda"), inputs, gy, gs)
     ref = run(ops.wkv7_naive, inputs, gy.double(), gs.double(), double=True)
     errors = {name: rel_rms(got[name], ref[name]) for name in ref if ref[name].abs().max() > 0}
-    assert all(e <= 1e-5 for e in errors.values()), errors
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-5, f"worst {worst}: {errors[worst]:.2e}; all: " + ", ".join(
+        f"{k} {v:.1e}" for k, v in errors.items())
 
 
 @pytest.mark.parametrize("version", [5, 6, 7])
