@@ -5,7 +5,7 @@
 #   tests         python3 -m pytest -v -m gpu -rs ${PYTEST_ARGS:-tests/}   (the GPU suite; -v: a kill keeps results)
 #   doctor        infctx doctor (toolchain, kernel builds, tiny fwd+bwd against float64)
 #   bench-kernels python3 -m infctx.bench.kernels $BENCH_KERNELS_ARGS   (bench/results/kernels.{json,md}); fla's
-#                 Triton autotune takes ~1 min for chunk_rwkv7 and ~4 min for chunk_rwkv6 on a fresh machine (H200)
+#                 Triton autotune of chunk_rwkv6 alone took ~4 min on a fresh H200 (2026-12-01)
 #   train-check   recipes/rwkv7-0.1b-pretrain.yaml + recipes/rwkv7-0.1b-zero3-check.yaml (ZeRO-3, 1 GPU, 300 steps)
 #                 on a World-tokenized corpus of the machine's Python sources; summary, export to .pth, generate
 #   bench-train   python3 -m infctx.bench.train, 0.1B, 4k..1M, full+truncated, within BENCH_TRAIN_BUDGET_S (270)
