@@ -19,3 +19,31 @@ def test_shape_rows_by_hand():
     assert "| wkv7 | ours-s4 | 4 | 4096 | 32 | out of memory |" in bk.markdown(
         dict(gpu="g", date="d", torch="t", cuda="c", fla_core=None, fla_error=None, y_agreement_vs_fla={},
              dtype="bf16", rows=list(rows.values())))
+
+
+def test_run_saves_after_every_impl_and_fills_in_the_speedup(monkeypatch):
+    """run() with the GPU parts replaced: one save per timed impl, ours' speedup once fla's time is in."""
+    import importlib.metadata
+    import sys
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.6.0")
+    monkeypatch.setattr(bk, "make_inputs", lambda *a, **k: {})
+    monkeypatch.setattr(bk, "ours", lambda version, tiling=0: "ours")
+    monkeypatch.setattr(bk, "fla", lambda version: "fla")
+    monkeypatch.setattr(bk, "agreement", lambda version: 0.0)
+    monkeypatch.setattr(bk, "measure", lambda fn, x, cfg: dict(ms_fwd=1.0, ms_fwd_bwd={"ours": 2.0, "fla": 3.0}[fn],
+                                                               peak_mib=1.0))
+    saved = []
+    res = bk.run(bk.BenchConfig(versions=(7, 6), shapes=((1, 64, 2), (2, 64, 2))),
+                 lambda r: saved.append([(x["impl"], x.get("speedup_vs_fla")) for x in r["rows"]]))
+    assert [len(s) for s in saved] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]  # + one save per version for the agreement
+    assert saved[0] == [("ours", None)] and saved[1] == [("ours", 1.5), ("fla", None)]
+    assert [(r["version"], r["B"], r["impl"]) for r in res["rows"]] == [
+        (v, B, impl) for v in (7, 6) for B in (1, 2) for impl in ("ours", "fla")]
+    assert res["y_agreement_vs_fla"] == {"wkv7": 0.0, "wkv6": 0.0}

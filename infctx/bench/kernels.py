@@ -172,7 +172,7 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
             tag, _, values = SWEEP[version]
             variants.update({f"ours-{tag}{n}": functools.partial(ours, tiling=n) for n in values})
         for B, T, H in cfg.shapes:
-            times = {}
+            times, first = {}, len(res["rows"])  # this shape's rows are res["rows"][first:]
             for name, make_fn in variants.items():
                 print(f"wkv{version} {name} B={B} T={T} H={H} ...", flush=True)
                 x = make_inputs(version, B, T, H, cfg.head_size)
@@ -182,8 +182,7 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
                     times[name] = dict(error="out of memory")
                 del x
                 torch.cuda.empty_cache()
-                same = lambda r: (r["version"], r["B"], r["T"], r["H"]) == (version, B, T, H)  # noqa: E731
-                res["rows"] = [r for r in res["rows"] if not same(r)] + shape_rows(version, B, T, H, times, cfg)
+                res["rows"][first:] = shape_rows(version, B, T, H, times, cfg)
                 print(json.dumps(res["rows"][-1]), flush=True)
                 on_update(res)  # after every impl: a run cut short mid-shape keeps what it timed
         if "fla" in impls:

@@ -281,12 +281,13 @@ def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -
     res = res or dict(rows=[], models={})
     stamp = dict(gpu=gpu, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
                  cuda=torch.version.cuda, git=_git_describe())
-    settings = dict(segment_len=cfg.segment_len, backend=cfg.backend, amp_bf16=cfg.amp, fuse=list(cfg.fuses), ce=list(cfg.ces),
-                             optimizer="AdamW (fp32 state" + (", fused)" if cuda else ")"),
-                             max_step_tokens=cfg.max_step_tokens,
-                             batch=cfg.batch or "fill", budget_s=cfg.budget_s)
-    if merging:  # the header keeps the first run's settings; the new rows say which run measured them
+    settings = dict(segment_len=cfg.segment_len, backend=cfg.backend, amp_bf16=cfg.amp, fuse=list(cfg.fuses),
+                    ce=list(cfg.ces), optimizer="AdamW (fp32 state" + (", fused)" if cuda else ")"),
+                    max_step_tokens=cfg.max_step_tokens, batch=cfg.batch or "fill", budget_s=cfg.budget_s)
+    run_tag = {}  # merged rows carry the number of the run that measured them
+    if merging:  # the header keeps the first run's settings
         res.setdefault("merged_runs", []).append(dict(stamp, settings=settings))
+        run_tag = dict(run=len(res["merged_runs"]))
     else:
         res.update(stamp, peak_bf16_tflops=peak, settings=settings)
     if cfg.batch is None and not cuda:
@@ -311,7 +312,7 @@ def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -
             res["models"][spec.name] = info
             on_update(res)
         for row in plan_rows(cfg, B_fill[spec.name]):
-            row = dict(model=spec.name, fuse=fuse, ce=ce, **row, **(dict(run=len(res["merged_runs"])) if merging else {}))
+            row = dict(model=spec.name, fuse=fuse, ce=ce, **row, **run_tag)
             print(f"train {spec.name} T={fmt_len(row['T'])} B={row['B']} {row['mode']} fuse={fuse} ce={ce} ...",
                   flush=True)
             try:

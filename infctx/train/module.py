@@ -290,8 +290,9 @@ class InfctxModule(pl.LightningModule):
         return float(norm)
 
     def _skip_bad_step(self, opt, loss: float, grad_norm: float | None) -> None:
-        if self._deepspeed() is not None:
-            deepspeed_discard_grads(self._deepspeed())
+        engine = self._deepspeed()
+        if engine is not None:
+            deepspeed_discard_grads(engine)
         else:
             opt.zero_grad(set_to_none=True)
         self.bad_streak += 1
