@@ -2,7 +2,8 @@
 
 bf16 inputs, fp32 state in and out (initial_state and output_final_state on for fla too), N = 64, the shapes
 of issue 3. RWKV-7 is compared with fla `chunk_rwkv7` (w passed as log-decay), RWKV-5/6 with fla
-`chunk_rwkv6` (RWKV-5's constant decay expanded over time). Writes bench/results/kernels.json and kernels.md.
+`chunk_rwkv6` (RWKV-5's constant decay expanded over time); wkv5/6 time both our kernels, the chunk-parallel
+default (`ours`) and the sequential one (`ours-seq`). Writes bench/results/kernels.json and kernels.md.
 Timing: CUDA events around fwd+bwd, median of `reps` after `warmup` runs; peak memory is the allocator's peak
 during one fwd+bwd above what the inputs already hold.
 """
@@ -57,13 +58,16 @@ def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0) -> 
 SWEEP = {7: ("s", "split", (2, 4, 8)), 6: ("r", "rows_per_block", (8, 16, 64)), 5: ("r", "rows_per_block", (8, 16, 64))}
 
 
-def ours(version: int, tiling: int = 0) -> Callable:
-    """Our kernel; tiling != 0 forces the tuning knob (wkv7: threads per state row, wkv5/6: rows per block)."""
+def ours(version: int, tiling: int = 0, kernel: str = "chunked") -> Callable:
+    """Our kernel; tiling != 0 forces the tuning knob (wkv7: threads per state row, wkv5/6: rows per block of
+    the sequential kernel); `kernel` picks wkv5/6's chunk-parallel or sequential kernel."""
     from infctx import ops
 
     op = ops.get_wkv(version, "cuda")
-    knob = SWEEP[version][1]
-    return lambda x: op(*x.values(), **{knob: tiling})
+    knobs = {SWEEP[version][1]: tiling}
+    if version != 7:
+        knobs["kernel"] = "sequential" if tiling else kernel
+    return lambda x: op(*x.values(), **knobs)
 
 
 def fla(version: int) -> Callable:
@@ -168,6 +172,8 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
             res["fla_error"] = f"fla-core not importable ({err}); `pip install fla-core` for the comparison"
     for version in cfg.versions:
         variants = dict(impls)
+        if version != 7:  # the sequential wkv5/6 kernel beside the chunked default, in the same run
+            variants["ours-seq"] = functools.partial(ours, kernel="sequential")
         if cfg.sweep:
             tag, _, values = SWEEP[version]
             variants.update({f"ours-{tag}{n}": functools.partial(ours, tiling=n) for n in values})

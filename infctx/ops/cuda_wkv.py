@@ -2,8 +2,9 @@
 
 Same signature and semantics as the torch ops (CONTRACTS.md): sequence tensors [B,T,H,N] in bf16 or fp32,
 state fp32 [B,H,N(value),N(key)], returns (y, sT); differentiable w.r.t. every input including s0, and the
-gradient of sT flows back (so segmented full BPTT is exact). The forward saves a state checkpoint every
-`chunk_len` tokens; the backward restarts from them (RWKV-7: backsteps S within a chunk; RWKV-5/6: recomputes).
+gradient of sT flows back (so segmented full BPTT is exact). The forward saves the state every `chunk_len` (16)
+tokens. RWKV-7's backward backsteps S within a chunk from them. RWKV-5/6 run by default on the chunk-parallel
+kernels (every chunk at once, a scan over chunks between), or on the sequential ones that recompute each chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from . import registry
 from .cuda_build import HEAD_SIZES, CudaBuildError, load_extension, preflight
 
 DTYPES = (torch.bfloat16, torch.float32)
+KERNELS_56 = ("chunked", "sequential")
 
 
 def validate_inputs(version: int, seq: dict[str, Tensor], params: dict[str, Tensor], s0: Tensor | None) -> None:
@@ -66,9 +68,9 @@ def _grad_in(g: Tensor | None, like: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(like.shape, device=like.device, dtype=dtype) if g is None else g.to(dtype).contiguous()
 
 
-def _workspace(ext, r: Tensor) -> tuple[int, int]:
-    """(tokens per checkpoint, number of checkpoints) for a [B,T,H,N] input."""
-    return ext.chunk_len(), -(-r.shape[1] // ext.chunk_len())
+def _chunks(ext, r: Tensor) -> int:
+    """Number of chunks (one saved state each) of a [B,T,H,N] input."""
+    return -(-r.shape[1] // ext.chunk_len())
 
 
 def _no_scratch(r: Tensor) -> Tensor:
@@ -81,7 +83,7 @@ class _WKV7(torch.autograd.Function):
     def forward(ctx, r, w, k, v, a, b, s0, split):
         B, T, H, N = r.shape
         ext = load_extension(7, N, r.device)
-        _, nc = _workspace(ext, r)
+        nc = _chunks(ext, r)
         y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
         ckpt = torch.empty(B, H, nc, N, N, device=r.device)
         sa = torch.empty(B, T, H, N, device=r.device)
@@ -109,7 +111,7 @@ class _WKV56(torch.autograd.Function):
     def forward(ctx, version, r, w, k, v, u, s0, rows):
         B, T, H, N = r.shape
         ext = load_extension(version, N, r.device)
-        _, nc = _workspace(ext, r)
+        nc = _chunks(ext, r)
         y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
         ckpt = torch.empty(B, H, nc, N, N, device=r.device)
         ext.forward(r, w, k, v, u, _state_in(s0, r), y, sT, ckpt, rows)
@@ -143,19 +145,62 @@ def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
     return _WKV7.apply(r, *_like_r(r, w, k, v, a, b), s0, split)
 
 
-def wkv6_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
-              s0: Tensor | None = None, *, rows_per_block: int = 0) -> tuple[Tensor, Tensor]:
-    """RWKV-6 WKV on the CUDA kernel; w [B,T,H,N] raw decay logits, u [H,N]; `rows_per_block` = value rows of a
-    head per block (0 = by B*H): a tuning knob."""
+class _WKV56Chunked(torch.autograd.Function):
+    """RWKV-5/6 on the chunk-parallel kernels (cuda/wkv56_chunked.cuh): saves each chunk's start state and
+    total decay; the backward passes the state gradient back over chunks, then computes every chunk at once."""
+
+    @staticmethod
+    def forward(ctx, version, r, w, k, v, u, s0):
+        B, T, H, N = r.shape
+        ext = load_extension(version, N, r.device)
+        nc = _chunks(ext, r)
+        y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
+        states = torch.empty(B, H, nc, N, N, device=r.device)
+        decay = torch.empty(B, H, nc, N, device=r.device)
+        ext.forward_chunked(r, w, k, v, u, _state_in(s0, r), y, sT, states, decay)
+        ctx.save_for_backward(r, w, k, v, u, sT, states, decay)
+        ctx.version, ctx.has_s0 = version, s0 is not None
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, u, sT, states, decay = ctx.saved_tensors
+        B, T, H, N = r.shape
+        ext = load_extension(ctx.version, N, r.device)
+        dr, dk, dv = (torch.empty_like(r) for _ in range(3))
+        dw = torch.empty_like(w) if ctx.version == 6 else torch.empty(B, H, N, device=r.device)
+        du, ds0 = torch.empty(B, H, N, device=r.device), torch.empty(B, H, N, N, device=r.device)
+        ext.backward_chunked(r, w, k, v, u, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), sT,
+                             states, decay, torch.empty_like(states), dr, dw, dk, dv, du, ds0)
+        if ctx.version == 5:
+            dw = dw.sum(0).to(w.dtype)
+        return None, dr, dw, dk, dv, du.sum(0).to(u.dtype), ds0 if ctx.has_s0 else None
+
+
+def _wkv56(version: int, r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, s0: Tensor | None,
+           rows_per_block: int, kernel: str) -> tuple[Tensor, Tensor]:
+    if kernel not in KERNELS_56:
+        raise ValueError(f"wkv{version} cuda: kernel={kernel!r}; choose one of {', '.join(KERNELS_56)}")
+    if kernel == "sequential":
+        return _WKV56.apply(version, r, *_like_r(r, w, k, v, u), s0, rows_per_block)
+    return _WKV56Chunked.apply(version, r, *_like_r(r, w, k, v, u), s0)
+
+
+def wkv6_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, s0: Tensor | None = None, *,
+              rows_per_block: int = 0, kernel: str = "chunked") -> tuple[Tensor, Tensor]:
+    """RWKV-6 WKV on the CUDA kernels; w [B,T,H,N] raw decay logits, u [H,N]. `kernel`: "chunked" (parallel over
+    chunks of 16 tokens, the measured default) or "sequential" (one pass over T per head; `rows_per_block` =
+    value rows of a head per block, 0 = by B*H). Both give the same result."""
     validate_inputs(6, dict(r=r, w=w, k=k, v=v), dict(u=u), s0)
-    return _WKV56.apply(6, r, *_like_r(r, w, k, v, u), s0, rows_per_block)
+    return _wkv56(6, r, w, k, v, u, s0, rows_per_block, kernel)
 
 
-def wkv5_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor,
-              s0: Tensor | None = None, *, rows_per_block: int = 0) -> tuple[Tensor, Tensor]:
-    """RWKV-5 WKV on the CUDA kernel; w [H,N] raw decay logits (constant over time), u [H,N]."""
+def wkv5_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, s0: Tensor | None = None, *,
+              rows_per_block: int = 0, kernel: str = "chunked") -> tuple[Tensor, Tensor]:
+    """RWKV-5 WKV on the CUDA kernels; w [H,N] raw decay logits (constant over time), u [H,N]; `kernel` and
+    `rows_per_block` as in wkv6_cuda."""
     validate_inputs(5, dict(r=r, k=k, v=v), dict(w=w, u=u), s0)
-    return _WKV56.apply(5, r, *_like_r(r, w, k, v, u), s0, rows_per_block)
+    return _wkv56(5, r, w, k, v, u, s0, rows_per_block, kernel)
 
 
 @functools.lru_cache(maxsize=None)

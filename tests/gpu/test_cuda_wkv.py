@@ -54,15 +54,14 @@ def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_against_reference(version: int, B: int, T: int, H: int, N: int, dtype: torch.dtype, seed: int = 0,
-                            ref_device: str = "cuda", tiling: int = 0) -> dict:
-    """`tiling` is the kernel's tuning knob: wkv7's `split`, wkv5/6's `rows_per_block` (0 = auto)."""
+                            ref_device: str = "cuda", knob: dict | None = None) -> dict:
+    """`knob`: keyword arguments of the op (wkv7's `split`; wkv5/6's `kernel` and `rows_per_block`)."""
     inputs = make_inputs(version, B, T, H, N, dtype, seed)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     gy = torch.randn(B, T, H, N, generator=g, device="cuda")
     gs = torch.randn(B, H, N, N, generator=g, device="cuda")
     op = ops.get_wkv(version, "cuda")
-    knob = {"split": tiling} if version == 7 else {"rows_per_block": tiling}
-    got = run(lambda *xs: op(*xs, **knob), inputs, gy, gs)
+    got = run(lambda *xs: op(*xs, **(knob or {})), inputs, gy, gs)
     naive = getattr(ops, NAIVE[version])
     ref = run(naive, {n: t.to(ref_device) for n, t in inputs.items()}, gy.to(ref_device).double(),
               gs.to(ref_device).double(), double=True)
@@ -83,27 +82,45 @@ def test_matches_float64_reference(version, shape, dtype):
     check_against_reference(version, *shape, N=64, dtype=dtype)
 
 
-@pytest.mark.parametrize("rows", [8, 16, 64])
+@pytest.mark.parametrize("rows", [0, 8, 16, 64])
 @pytest.mark.parametrize("version", [5, 6])
-def test_every_row_split(version, rows):
-    """Each wkv5/6 block tiling (rows of a head per block: atomics or not, shared or global scratch) is exact."""
-    check_against_reference(version, 2, 37, 3, 64, torch.float32, tiling=rows)
-    check_against_reference(version, 2, 21, 2, 64, torch.bfloat16, tiling=rows)
+def test_sequential_kernel_every_row_split(version, rows):
+    """The sequential wkv5/6 kernel (the default is the chunked one), under each block tiling (rows of a head per
+    block: atomics or not, shared or global scratch; 0 = by B*H), is exact."""
+    knob = {"kernel": "sequential", "rows_per_block": rows}
+    check_against_reference(version, 2, 37, 3, 64, torch.float32, knob=knob)
+    check_against_reference(version, 2, 21, 2, 64, torch.bfloat16, knob=knob)
+    check_against_reference(version, 4, 20, 64, 64, torch.float32, knob=knob)
+
+
+@pytest.mark.parametrize("version", [5, 6])
+def test_chunked_kernel_extreme_decays(version):
+    """The chunked kernel forms in-chunk decays pairwise: decays of ~1 (w = -8) and ~2e-9 per token (w = +3) stay
+    exact in fp32 (no ratio of cumulative decays that could overflow)."""
+    inputs = make_inputs(version, 2, 50, 2, 64, torch.float32, seed=13)
+    g = torch.Generator(device="cuda").manual_seed(14)
+    inputs["w"] = torch.where(torch.rand(inputs["w"].shape, generator=g, device="cuda") < 0.5, -8.0, 3.0)
+    gy = torch.randn(inputs["r"].shape, generator=g, device="cuda")
+    gs = torch.randn(inputs["s0"].shape, generator=g, device="cuda")
+    got = run(ops.get_wkv(version, "cuda"), inputs, gy, gs)
+    ref = run(getattr(ops, NAIVE[version]), inputs, gy.double(), gs.double(), double=True)
+    errors = {name: rel_rms(got[name], ref[name]) for name in ref}
+    assert max(errors.values()) <= 1e-5, errors
 
 
 @pytest.mark.parametrize("split", [2, 4, 8])
 @pytest.mark.parametrize("shape", [(2, 37, 3), (2, 21, 32), (4, 33, 64)], ids=lambda s: "B{}T{}H{}".format(*s))
 def test_wkv7_every_split(shape, split):
     """Each wkv7 split (threads per state row/column), under each forward block grouping (B*H < 32, < 128, >= 128)."""
-    check_against_reference(7, *shape, N=64, dtype=torch.float32, tiling=split)
-    check_against_reference(7, *shape, N=64, dtype=torch.bfloat16, tiling=split)
+    check_against_reference(7, *shape, N=64, dtype=torch.float32, knob={"split": split})
+    check_against_reference(7, *shape, N=64, dtype=torch.bfloat16, knob={"split": split})
 
 
 @pytest.mark.parametrize("split", [0, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 45, 2), (2, 5, 128)], ids=lambda s: "B{}T{}H{}".format(*s))
 def test_wkv7_head_size_128(shape, dtype, split):
-    check_against_reference(7, *shape, N=128, dtype=dtype, tiling=split)
+    check_against_reference(7, *shape, N=128, dtype=dtype, knob={"split": split})
 
 
 def test_wkv7_decay_near_one_and_strong():

@@ -1,0 +1,93 @@
+// Python binding of the RWKV-5/6 WKV kernels, included by wkv5_op.cpp and wkv6_op.cpp after they define
+// WKV_TIME_DECAY (wkv6: w [B,T,H,N] per token; wkv5: w [H,N] constant over time), WKV_LABEL ("wkv5"/"wkv6") and
+// WKV_ENTRY(name) (the version-prefixed entry points of wkv5.cu / wkv6.cu). Head size fixed at build time by WKV_N.
+#include <torch/extension.h>
+#include "wkv_check.h"
+#include "wkv_common.cuh"
+
+using torch::Tensor;
+
+void WKV_ENTRY(forward_cuda)(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT,
+                             Tensor ckpt, int rows);
+void WKV_ENTRY(backward_cuda)(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tensor dsT, Tensor ckpt,
+                              Tensor scratch, Tensor dr, Tensor dw, Tensor dk, Tensor dv, Tensor du, Tensor ds0,
+                              int rows);
+void WKV_ENTRY(forward_chunked_cuda)(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y,
+                                     Tensor sT, Tensor states, Tensor decay);
+void WKV_ENTRY(backward_chunked_cuda)(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tensor dsT,
+                                      Tensor sT, Tensor states, Tensor decay, Tensor dstates, Tensor dr, Tensor dw,
+                                      Tensor dk, Tensor dv, Tensor du, Tensor ds0);
+
+namespace {
+
+constexpr bool kTimeDecay = WKV_TIME_DECAY;
+
+void check_param(const Tensor& ref, const Tensor& p) {
+  TORCH_CHECK(p.is_cuda() && p.is_contiguous() && p.dim() == 2 && p.size(0) == ref.size(2) && p.size(1) == WKV_N &&
+                  p.scalar_type() == ref.scalar_type(),
+              WKV_LABEL ": per-head parameters must be contiguous CUDA [H,N] tensors of the input dtype");
+}
+
+// r, k, v (and wkv6's w) share [B,T,H,N]; u (and wkv5's w) are [H,N].
+void check_inputs(const Tensor& r, const Tensor& w, const Tensor& k, const Tensor& v, const Tensor& u,
+                  std::initializer_list<Tensor> more) {
+  for (const auto& t : more) wkv::check_seq(r, {t}, WKV_N);
+  wkv::check_seq(r, {r, k, v}, WKV_N);
+  if (kTimeDecay) wkv::check_seq(r, {w}, WKV_N);
+  else check_param(r, w);
+  check_param(r, u);
+}
+
+// wkv5's dw is an fp32 [B,H,N] sum per (b, h); wkv6's is [B,T,H,N] of the input dtype.
+void check_dw(const Tensor& r, const Tensor& dw) {
+  if (kTimeDecay) wkv::check_seq(r, {dw}, WKV_N);
+  else wkv::check_f32({dw});
+}
+
+void forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT, Tensor ckpt,
+             int rows) {
+  check_inputs(r, w, k, v, u, {y});
+  wkv::check_f32({s0, sT, ckpt});
+  WKV_ENTRY(forward_cuda)(r, w, k, v, u, s0, y, sT, ckpt, rows);
+}
+
+void backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tensor dsT, Tensor ckpt, Tensor scratch,
+              Tensor dr, Tensor dw, Tensor dk, Tensor dv, Tensor du, Tensor ds0, int rows) {
+  check_inputs(r, w, k, v, u, {dy, dr, dk, dv});
+  check_dw(r, dw);
+  wkv::check_f32({dsT, ckpt, scratch, du, ds0});
+  WKV_ENTRY(backward_cuda)(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0, rows);
+}
+
+void forward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT,
+                     Tensor states, Tensor decay) {
+  check_inputs(r, w, k, v, u, {y});
+  wkv::check_f32({s0, sT, states, decay});
+  const int64_t nc = (r.size(1) + wkv::CK - 1) / wkv::CK, BH = r.size(0) * r.size(2);
+  TORCH_CHECK(states.numel() == BH * nc * WKV_N * WKV_N && decay.numel() == BH * nc * WKV_N,
+              WKV_LABEL ": chunked workspaces must be [B,H,ceil(T/16),N,N] and [B,H,ceil(T/16),N]");
+  WKV_ENTRY(forward_chunked_cuda)(r, w, k, v, u, s0, y, sT, states, decay);
+}
+
+void backward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tensor dsT, Tensor sT,
+                      Tensor states, Tensor decay, Tensor dstates, Tensor dr, Tensor dw, Tensor dk, Tensor dv,
+                      Tensor du, Tensor ds0) {
+  check_inputs(r, w, k, v, u, {dy, dr, dk, dv});
+  check_dw(r, dw);
+  wkv::check_f32({dsT, sT, states, decay, dstates, du, ds0});
+  TORCH_CHECK(dstates.numel() == states.numel(), WKV_LABEL ": dstates must be shaped like states");
+  WKV_ENTRY(backward_chunked_cuda)(r, w, k, v, u, dy, dsT, sT, states, decay, dstates, dr, dw, dk, dv, du, ds0);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, WKV_LABEL " forward (sequential): (r,w,k,v,u,s0) -> fills y, sT, checkpoints");
+  m.def("backward", &backward, WKV_LABEL " backward (sequential): every input gradient (per-(b,h) partials for u"
+        " and wkv5's w) and ds0");
+  m.def("forward_chunked", &forward_chunked, WKV_LABEL " forward (chunk-parallel): fills y, sT, chunk start states"
+        " and chunk decays");
+  m.def("backward_chunked", &backward_chunked, WKV_LABEL " backward (chunk-parallel): every input gradient and ds0");
+  m.def("head_size", []() { return WKV_N; });
+  m.def("chunk_len", []() { return wkv::CK; });
+}

@@ -1,0 +1,373 @@
+// Chunk-parallel RWKV-5/6 WKV: the same op as wkv56_kernels.cuh, but parallel over chunks of C = 16 tokens as
+// well as over heads, so a long sequence with few heads still fills the GPU. Included after wkv56_kernels.cuh
+// (it reuses kTimeDecay, cptr and mptr). The math, mirrored in float64 and checked against autograd, is
+// tests/test_wkv56_chunk_math.py. With lw = -exp(w) the log-decay and Bx_t = sum_{s<t} lw_s inside a chunk:
+//   forward   dS_c = sum_s v_s (k_s e^{Bt - Bx_{s+1}})^T           (chunk_outer, every chunk at once)
+//             S_{c+1} = S_c diag(e^{Bt}) + dS_c                     (scan, sequential over chunks, per element)
+//             y_t = S_c (r_t e^{Bx_t}) + sum_{s<=t} A[t,s] v_s      (chunk_output)
+//   backward  the same three passes on dy: dS_end flows back by the reverse scan, then chunk_grads.
+// Every exponent is <= 0 (pairwise factors e^{Bx_t - Bx_{s+1}}, s < t), so no decay can overflow; all math is fp32.
+namespace wkv56c {
+
+constexpr int C = wkv::CK;      // tokens per chunk (the binding sizes the workspaces by CK)
+constexpr int N = WKV_N;        // head size
+constexpr int kThreads = 256;   // 4 groups of N threads
+constexpr int kGroups = kThreads / N;
+constexpr int SP = N + 4;       // padded row stride of an N x N tile in shared memory (float4 rows, no bank clash)
+constexpr int kScanUnroll = 8;  // chunks whose loads the scan issues before it uses them
+static_assert(N == 64 && C % kGroups == 0, "the chunked RWKV-5/6 kernels are built for head size 64");
+
+struct Chunk {
+  int b, h, c, t0, L;  // batch, head, chunk, first token, tokens in this chunk (< C only at the end)
+  __device__ Chunk(int T, int H) : b(blockIdx.y / H), h(blockIdx.y % H), c(blockIdx.x), t0(blockIdx.x * C),
+                                   L(min(C, T - blockIdx.x * C)) {}
+};
+
+// dst[l][x] = src[b, t0 + l, h, x] as float, 0 past the end of the sequence.
+template <typename F>
+__device__ __forceinline__ void load_rows(float (*dst)[N], const F* src, const Chunk& q, int T, int H) {
+  for (int e = threadIdx.x; e < C * N; e += kThreads) {
+    const int l = e / N, x = e % N;
+    dst[l][x] = l < q.L ? wkv::to_f(src[wkv::seq_off(q.b, q.t0 + l, q.h, T, H, N) + x]) : 0.f;
+  }
+}
+
+// lw[l][x] = -exp(w) for the chunk's tokens (wkv6: w per token; wkv5: w[h] for every token), 0 past the end.
+template <typename F>
+__device__ __forceinline__ void load_log_decay(float (*lw)[N], const F* w, const Chunk& q, int T, int H) {
+  for (int e = threadIdx.x; e < C * N; e += kThreads) {
+    const int l = e / N, x = e % N;
+    const int64_t at = kTimeDecay ? wkv::seq_off(q.b, q.t0 + l, q.h, T, H, N) + x : int64_t(q.h) * N + x;
+    lw[l][x] = l < q.L ? -expf(wkv::to_f(w[at])) : 0.f;
+  }
+}
+
+// Bx[t][x] = sum_{s<t} lw[s][x] for t = 0..C; call with every thread, ends with a barrier.
+__device__ __forceinline__ void prefix_decay(const float (*lw)[N], float (*Bx)[N]) {
+  if (threadIdx.x < N) {
+    float acc = 0.f;
+    Bx[0][threadIdx.x] = 0.f;
+#pragma unroll
+    for (int l = 0; l < C; ++l) Bx[l + 1][threadIdx.x] = acc += lw[l][threadIdx.x];
+  }
+  __syncthreads();
+}
+
+// An N x N fp32 tile (row-major, [value][key]) from global memory into the padded shared tile; coalesced float4.
+__device__ __forceinline__ void load_tile(float (*dst)[SP], const float* src) {
+  for (int f = threadIdx.x; f < N * N / 4; f += kThreads) {
+    const int row = f / (N / 4), col = (f % (N / 4)) * 4;
+    *reinterpret_cast<float4*>(&dst[row][col]) = reinterpret_cast<const float4*>(src)[f];
+  }
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+
+// The chunk's pair scores A[t][s] = sum_j r_t k_s e^{Bx_t - Bx_{s+1}} (s < t), A[t][t] = sum_j u r_t k_t, and
+// (when G is given) G[t][s] = dy_t . v_s for s <= t: one warp per pair, two keys per lane. Ends with a barrier.
+__device__ __forceinline__ void pair_scores(const float (*r)[N], const float (*k)[N], const float (*Bx)[N], float u0,
+                                            float u1, float (*A)[C], const float (*dy)[N], const float (*v)[N],
+                                            float (*G)[C]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int p = warp; p < C * C; p += kThreads / 32) {
+    const int t = p / C, s = p % C;
+    if (s > t) continue;
+    const int j0 = lane, j1 = lane + 32;
+    float a;
+    if (s < t)
+      a = r[t][j0] * k[s][j0] * __expf(Bx[t][j0] - Bx[s + 1][j0]) + r[t][j1] * k[s][j1] * __expf(Bx[t][j1] - Bx[s + 1][j1]);
+    else
+      a = u0 * r[t][j0] * k[t][j0] + u1 * r[t][j1] * k[t][j1];
+    a = wkv::group_sum<32>(a);
+    if (G != nullptr) {
+      const float g = wkv::group_sum<32>(dy[t][j0] * v[s][j0] + dy[t][j1] * v[s][j1]);
+      if (lane == 0) G[t][s] = g;
+    }
+    if (lane == 0) A[t][s] = a;
+  }
+  __syncthreads();
+}
+
+// out[bh][c] = sum_l P[l] Q[l]^T (N x N): the chunk's own state contribution (forward: P = v, Q = k e^{Bt-Bx_{l+1}},
+// and the chunk's total decay e^{Bt}) or its own part of the state gradient (backward: P = dy, Q = r e^{Bx_l}).
+template <typename F, bool kGrad>
+__global__ void __launch_bounds__(kThreads) chunk_outer(int T, int H, const F* __restrict__ p_src,
+    const F* __restrict__ q_src, const F* __restrict__ w, float* __restrict__ out, float* __restrict__ decay) {
+  __shared__ __align__(16) float P[C][N];
+  __shared__ __align__(16) float Q[C][N];
+  __shared__ float lw[C][N], Bx[C + 1][N];
+  const Chunk q(T, H);
+  const int nc = gridDim.x;
+  load_rows(P, p_src, q, T, H);
+  load_rows(Q, q_src, q, T, H);
+  load_log_decay(lw, w, q, T, H);
+  __syncthreads();
+  prefix_decay(lw, Bx);
+  for (int e = threadIdx.x; e < C * N; e += kThreads) {
+    const int l = e / N, x = e % N;
+    Q[l][x] *= __expf(kGrad ? Bx[l][x] : Bx[C][x] - Bx[l + 1][x]);
+  }
+  if (!kGrad && threadIdx.x < N)
+    decay[(int64_t(blockIdx.y) * nc + q.c) * N + threadIdx.x] = __expf(Bx[C][threadIdx.x]);
+  __syncthreads();
+  const int i0 = (threadIdx.x / 16) * 4, j0 = (threadIdx.x % 16) * 4;  // a 4 x 4 register tile per thread
+  float acc[4][4] = {};
+#pragma unroll
+  for (int l = 0; l < C; ++l) {
+    const float4 pv = *reinterpret_cast<const float4*>(&P[l][i0]), qv = *reinterpret_cast<const float4*>(&Q[l][j0]);
+    const float pi[4] = {pv.x, pv.y, pv.z, pv.w}, qj[4] = {qv.x, qv.y, qv.z, qv.w};
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) acc[a][b] += pi[a] * qj[b];
+  }
+  float* dst = out + (int64_t(blockIdx.y) * nc + q.c) * N * N;
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+    *reinterpret_cast<float4*>(&dst[(i0 + a) * N + j0]) = make_float4(acc[a][0], acc[a][1], acc[a][2], acc[a][3]);
+}
+
+// Per state element, over the chunks in order (forward) or reversed (backward): X <- X diag(decay_c) + inc_c,
+// where inc_c is read from ws and replaced by the X it meets (the chunk's start state / end-state gradient).
+template <bool kReverse>
+__global__ void __launch_bounds__(kThreads) scan_chunks(int nc, float* __restrict__ ws, const float* __restrict__ decay,
+                                                         const float* __restrict__ init, float* __restrict__ final_) {
+  const int bh = blockIdx.y, e = blockIdx.x * kThreads + threadIdx.x, j = e % N;
+  float* x = ws + int64_t(bh) * nc * N * N + e;
+  const float* d = decay + int64_t(bh) * nc * N + j;
+  float X = init[int64_t(bh) * N * N + e];
+  for (int c0 = 0; c0 < nc; c0 += kScanUnroll) {
+    float inc[kScanUnroll], dc[kScanUnroll];
+#pragma unroll
+    for (int n = 0; n < kScanUnroll; ++n) {
+      const int c = kReverse ? nc - 1 - (c0 + n) : c0 + n;
+      const bool in = c0 + n < nc;
+      inc[n] = in ? x[int64_t(c) * N * N] : 0.f;
+      dc[n] = in ? d[int64_t(c) * N] : 1.f;
+    }
+#pragma unroll
+    for (int n = 0; n < kScanUnroll; ++n) {
+      if (c0 + n >= nc) break;
+      const int c = kReverse ? nc - 1 - (c0 + n) : c0 + n;
+      x[int64_t(c) * N * N] = X;
+      X = X * dc[n] + inc[n];
+    }
+  }
+  final_[int64_t(bh) * N * N + e] = X;
+}
+
+struct OutputSmem {
+  float S[N][SP];
+  float r[C][N], k[C][N], v[C][N], rt[C][N], lw[C][N], Bx[C + 1][N], A[C][C];
+};
+
+// y of one chunk from its start state (states[bh][c]) and its own tokens.
+template <typename F>
+__global__ void __launch_bounds__(kThreads) chunk_output(int T, int H, const F* __restrict__ r_,
+    const F* __restrict__ w_, const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ u_,
+    const float* __restrict__ states, F* __restrict__ y) {
+  extern __shared__ float4 smem_raw[];
+  OutputSmem& sm = *reinterpret_cast<OutputSmem*>(smem_raw);
+  const Chunk q(T, H);
+  load_rows(sm.r, r_, q, T, H);
+  load_rows(sm.k, k_, q, T, H);
+  load_rows(sm.v, v_, q, T, H);
+  load_log_decay(sm.lw, w_, q, T, H);
+  load_tile(sm.S, states + (int64_t(blockIdx.y) * gridDim.x + q.c) * N * N);
+  __syncthreads();
+  prefix_decay(sm.lw, sm.Bx);
+  for (int e = threadIdx.x; e < C * N; e += kThreads) sm.rt[e / N][e % N] = sm.r[e / N][e % N] * __expf(sm.Bx[e / N][e % N]);
+  const float u0 = wkv::to_f(u_[q.h * N + threadIdx.x % 32]), u1 = wkv::to_f(u_[q.h * N + threadIdx.x % 32 + 32]);
+  pair_scores(sm.r, sm.k, sm.Bx, u0, u1, sm.A, nullptr, nullptr, nullptr);
+
+  const int i = threadIdx.x % N, g = threadIdx.x / N;  // value row i, tokens g, g + 4, ...
+  constexpr int Q = C / kGroups;
+  float acc[Q] = {};
+  for (int j = 0; j < N; j += 4) {
+    const float4 s = *reinterpret_cast<const float4*>(&sm.S[i][j]);
+#pragma unroll
+    for (int n = 0; n < Q; ++n) acc[n] += dot4(s, *reinterpret_cast<const float4*>(&sm.rt[g + n * kGroups][j]));
+  }
+#pragma unroll
+  for (int n = 0; n < Q; ++n) {
+    const int t = g + n * kGroups;
+    for (int s = 0; s <= t; ++s) acc[n] += sm.A[t][s] * sm.v[s][i];
+    if (t < q.L) y[wkv::seq_off(q.b, q.t0 + t, q.h, T, H, N) + i] = wkv::from_f<F>(acc[n]);
+  }
+}
+
+struct GradSmem {
+  float S[N][SP];                                   // dS at the chunk's end, then S at its start
+  float r[C][N], k[C][N], v[C][N], dy[C][N], lw[C][N], kt[C][N], drf[C][N], dkf[C][N];
+  float Bx[C + 1][N], A[C][C], G[C][C], part[kGroups][N];
+};
+
+// Every input gradient of one chunk from its start state, end state and end-state gradient (dS_end).
+// drf / dkf are dr / dk without the bonus term: dw_s = lw_s * sum_{t>s} (r_t drf_t - k_{t-1} dkf_{t-1}), with the
+// chunk-end term sum_i S_end dS_end in place of r_C drf_C.
+template <typename F>
+__global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* __restrict__ r_,
+    const F* __restrict__ w_, const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ u_,
+    const F* __restrict__ dy_, const float* __restrict__ states, const float* __restrict__ sT,
+    const float* __restrict__ dstates, F* __restrict__ dr, F* __restrict__ dw, F* __restrict__ dk,
+    F* __restrict__ dv, float* __restrict__ du, float* __restrict__ dw_head) {
+  extern __shared__ float4 smem_raw[];
+  GradSmem& sm = *reinterpret_cast<GradSmem*>(smem_raw);
+  const Chunk q(T, H);
+  const int nc = gridDim.x, bh = blockIdx.y;
+  const int64_t tile = (int64_t(bh) * nc + q.c) * N * N;
+  load_rows(sm.r, r_, q, T, H);
+  load_rows(sm.k, k_, q, T, H);
+  load_rows(sm.v, v_, q, T, H);
+  load_rows(sm.dy, dy_, q, T, H);
+  load_log_decay(sm.lw, w_, q, T, H);
+  load_tile(sm.S, dstates + tile);
+  __syncthreads();
+  prefix_decay(sm.lw, sm.Bx);
+  for (int e = threadIdx.x; e < C * N; e += kThreads) {
+    const int l = e / N, x = e % N;
+    sm.kt[l][x] = sm.k[l][x] * __expf(sm.Bx[C][x] - sm.Bx[l + 1][x]);
+  }
+  const int x = threadIdx.x % N, g = threadIdx.x / N;  // feature x (value row or key), tokens g, g + 4, ...
+  const float ux = wkv::to_f(u_[q.h * N + x]);
+  const float u0 = wkv::to_f(u_[q.h * N + threadIdx.x % 32]), u1 = wkv::to_f(u_[q.h * N + threadIdx.x % 32 + 32]);
+  pair_scores(sm.r, sm.k, sm.Bx, u0, u1, sm.A, sm.dy, sm.v, sm.G);
+  constexpr int Q = C / kGroups;
+
+  // dv_s = sum_{t>=s} A[t,s] dy_t + dS_end kt_s  (x = value row)
+  float acc[Q] = {};
+  for (int j = 0; j < N; j += 4) {
+    const float4 s = *reinterpret_cast<const float4*>(&sm.S[x][j]);
+#pragma unroll
+    for (int n = 0; n < Q; ++n) acc[n] += dot4(s, *reinterpret_cast<const float4*>(&sm.kt[g + n * kGroups][j]));
+  }
+#pragma unroll
+  for (int n = 0; n < Q; ++n) {
+    const int s = g + n * kGroups;
+    for (int t = s; t < C; ++t) acc[n] += sm.A[t][s] * sm.dy[t][x];
+    if (s < q.L) dv[wkv::seq_off(q.b, q.t0 + s, q.h, T, H, N) + x] = wkv::from_f<F>(acc[n]);
+  }
+
+  // dk_s = e^{Bt - Bx_{s+1}} dS_end^T v_s + sum_{t>s} G[t,s] r_t e^{Bx_t - Bx_{s+1}} (+ bonus)  (x = key)
+  float end[Q] = {};
+  for (int i = 0; i < N; ++i) {
+    const float s = sm.S[i][x];
+#pragma unroll
+    for (int n = 0; n < Q; ++n) end[n] += s * sm.v[g + n * kGroups][i];
+  }
+#pragma unroll
+  for (int n = 0; n < Q; ++n) {
+    const int s = g + n * kGroups;
+    float f = end[n] * __expf(sm.Bx[C][x] - sm.Bx[s + 1][x]);
+    for (int t = s + 1; t < C; ++t) f += sm.G[t][s] * sm.r[t][x] * __expf(sm.Bx[t][x] - sm.Bx[s + 1][x]);
+    sm.dkf[s][x] = f;
+    if (s < q.L) dk[wkv::seq_off(q.b, q.t0 + s, q.h, T, H, N) + x] = wkv::from_f<F>(f + ux * sm.r[s][x] * sm.G[s][s]);
+  }
+  {  // this group's rows of sum_i S_end[i][x] dS_end[i][x]
+    const float* S_end = q.c + 1 < nc ? states + tile + N * N : sT + int64_t(bh) * N * N;
+    float p = 0.f;
+    for (int i = g * (N / kGroups); i < (g + 1) * (N / kGroups); ++i) p += S_end[i * N + x] * sm.S[i][x];
+    sm.part[g][x] = p;
+  }
+  __syncthreads();
+  load_tile(sm.S, states + tile);
+  __syncthreads();
+
+  // dr_t = e^{Bx_t} S_start^T dy_t + sum_{s<t} G[t,s] k_s e^{Bx_t - Bx_{s+1}} (+ bonus)  (x = key)
+  float in[Q] = {};
+  for (int i = 0; i < N; ++i) {
+    const float s = sm.S[i][x];
+#pragma unroll
+    for (int n = 0; n < Q; ++n) in[n] += s * sm.dy[g + n * kGroups][i];
+  }
+#pragma unroll
+  for (int n = 0; n < Q; ++n) {
+    const int t = g + n * kGroups;
+    float f = in[n] * __expf(sm.Bx[t][x]);
+    for (int s = 0; s < t; ++s) f += sm.G[t][s] * sm.k[s][x] * __expf(sm.Bx[t][x] - sm.Bx[s + 1][x]);
+    sm.drf[t][x] = f;
+    if (t < q.L) dr[wkv::seq_off(q.b, q.t0 + t, q.h, T, H, N) + x] = wkv::from_f<F>(f + ux * sm.k[t][x] * sm.G[t][t]);
+  }
+  __syncthreads();
+
+  if (threadIdx.x < N) {  // dw by the reverse sum over the chunk, du and wkv5's dw as per-(b,h) sums
+    float dB = -sm.k[C - 1][x] * sm.dkf[C - 1][x];
+    for (int p = 0; p < kGroups; ++p) dB += sm.part[p][x];
+    float acc_w = dB, head_w = 0.f, acc_u = 0.f;
+    for (int s = C - 1; s >= 0; --s) {
+      const float dws = acc_w * sm.lw[s][x];
+      if (kTimeDecay && s < q.L) dw[wkv::seq_off(q.b, q.t0 + s, q.h, T, H, N) + x] = wkv::from_f<F>(dws);
+      head_w += dws;
+      acc_u += sm.r[s][x] * sm.k[s][x] * sm.G[s][s];
+      if (s > 0) acc_w += sm.r[s][x] * sm.drf[s][x] - sm.k[s - 1][x] * sm.dkf[s - 1][x];
+    }
+    atomicAdd(&du[int64_t(bh) * N + x], acc_u);
+    if (!kTimeDecay) atomicAdd(&dw_head[int64_t(bh) * N + x], head_w);
+  }
+}
+
+inline dim3 chunk_grid(int T, int BH) { return dim3((T + C - 1) / C, BH); }
+
+template <typename F>
+void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u, torch::Tensor s0,
+             torch::Tensor y, torch::Tensor sT, torch::Tensor states, torch::Tensor decay) {
+  const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + C - 1) / C;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid = chunk_grid(T, B * H);
+  chunk_outer<F, false><<<grid, kThreads, 0, stream>>>(T, H, cptr<F>(v), cptr<F>(k), cptr<F>(w),
+                                                       states.data_ptr<float>(), decay.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scan_chunks<false><<<dim3(N * N / kThreads, B * H), kThreads, 0, stream>>>(nc, states.data_ptr<float>(),
+      decay.data_ptr<float>(), s0.data_ptr<float>(), sT.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto out = chunk_output<F>;
+  wkv::allow_smem(out, sizeof(OutputSmem));
+  out<<<grid, kThreads, sizeof(OutputSmem), stream>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k), cptr<F>(v),
+                                                      cptr<F>(u), states.data_ptr<float>(), mptr<F>(y));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dw: [B,T,H,N] of the input dtype (wkv6) or fp32 [B,H,N] per-(b,h) sums (wkv5); du: fp32 [B,H,N];
+// dstates: fp32 workspace shaped like states.
+template <typename F>
+void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u, torch::Tensor dy,
+              torch::Tensor dsT, torch::Tensor sT, torch::Tensor states, torch::Tensor decay, torch::Tensor dstates,
+              torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor du,
+              torch::Tensor ds0) {
+  const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + C - 1) / C;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid = chunk_grid(T, B * H);
+  du.zero_();
+  if (!kTimeDecay) dw.zero_();
+  chunk_outer<F, true><<<grid, kThreads, 0, stream>>>(T, H, cptr<F>(dy), cptr<F>(r), cptr<F>(w),
+                                                      dstates.data_ptr<float>(), nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scan_chunks<true><<<dim3(N * N / kThreads, B * H), kThreads, 0, stream>>>(nc, dstates.data_ptr<float>(),
+      decay.data_ptr<float>(), dsT.data_ptr<float>(), ds0.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto grads = chunk_grads<F>;
+  wkv::allow_smem(grads, sizeof(GradSmem));
+  grads<<<grid, kThreads, sizeof(GradSmem), stream>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k), cptr<F>(v),
+      cptr<F>(u), cptr<F>(dy), states.data_ptr<float>(), sT.data_ptr<float>(), dstates.data_ptr<float>(),
+      mptr<F>(dr), kTimeDecay ? mptr<F>(dw) : nullptr, mptr<F>(dk), mptr<F>(dv), du.data_ptr<float>(),
+      kTimeDecay ? nullptr : dw.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace wkv56c
+
+// Entry points of the chunked kernels with the version in the name, defined once per including .cu file.
+#define WKV56_DEFINE_CHUNKED_ENTRY_POINTS(FWD_NAME, BWD_NAME)                                                      \
+  void FWD_NAME(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,               \
+                torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor states, torch::Tensor decay) {  \
+    if (r.scalar_type() == at::kBFloat16) wkv56c::forward<__nv_bfloat16>(r, w, k, v, u, s0, y, sT, states, decay); \
+    else wkv56c::forward<float>(r, w, k, v, u, s0, y, sT, states, decay);                                          \
+  }                                                                                                                \
+  void BWD_NAME(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,               \
+                torch::Tensor dy, torch::Tensor dsT, torch::Tensor sT, torch::Tensor states, torch::Tensor decay,  \
+                torch::Tensor dstates, torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv,     \
+                torch::Tensor du, torch::Tensor ds0) {                                                             \
+    if (r.scalar_type() == at::kBFloat16)                                                                          \
+      wkv56c::backward<__nv_bfloat16>(r, w, k, v, u, dy, dsT, sT, states, decay, dstates, dr, dw, dk, dv, du, ds0); \
+    else wkv56c::backward<float>(r, w, k, v, u, dy, dsT, sT, states, decay, dstates, dr, dw, dk, dv, du, ds0);    \
+  }
