@@ -59,6 +59,42 @@ __device__ __forceinline__ float dot_slice(const float (&x)[M], const float* sli
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ float at4(const float4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
 
+// The next chunk's inputs, in registers until the chunk before it is done: r, w, k, a, b (all N features; stored
+// sliced, w as its decay) and v for the block's R value rows: plain in the forward, sliced like the keys in the
+// backward (kVSliced, R = N). v's place in the load and store order follows the same flag only to keep each
+// kernel's SASS as it was: moved, ptxas reorders the prefetch and renames its registers.
+template <typename F, int N, int R, int kThreads, bool kVSliced>
+struct NextChunk {
+  ChunkShare<N, N, kThreads, F> r, w, k, a, b;
+  ChunkShare<N, R, kThreads, F> v;
+
+  __device__ __forceinline__ void load(const F* r_, const F* w_, const F* k_, const F* v_, const F* a_,
+                                       const F* b_, int bb, int t0, int L, int h, int T, int H, int x0 = 0) {
+    r.load(r_, bb, t0, L, h, T, H);
+    w.load(w_, bb, t0, L, h, T, H);
+    k.load(k_, bb, t0, L, h, T, H);
+    if constexpr (kVSliced) v.load(v_, bb, t0, L, h, T, H, x0);
+    a.load(a_, bb, t0, L, h, T, H);
+    b.load(b_, bb, t0, L, h, T, H);
+    if constexpr (!kVSliced) v.load(v_, bb, t0, L, h, T, H, x0);
+  }
+
+  // Raw w also goes plain into sw where given (the backward's dw needs it), next to its decay for the same reason.
+  // Given or not is a type, as a runtime null test would stay in the code.
+  template <class At, class Raw = std::nullptr_t>
+  __device__ __forceinline__ void store(float* sr, float* sd, float* sk, float* sv, float* sa, float* sb, int stride,
+                                        At at, Raw sw = nullptr) const {
+    r.store(sr, stride, at, ident);
+    if constexpr (!std::is_same_v<Raw, std::nullptr_t>) w.store(sw, N, plain, ident);
+    w.store(sd, stride, at, decay7);
+    k.store(sk, stride, at, ident);
+    if constexpr (kVSliced) v.store(sv, stride, at, ident);
+    a.store(sa, stride, at, ident);
+    b.store(sb, stride, at, ident);
+    if constexpr (!kVSliced) v.store(sv, R, plain, ident);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------------------
 // Forward: grid B*H*G blocks of R*P threads (R = N/G value rows per block).
 template <typename F, int N, int G, int P>
@@ -84,29 +120,14 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
       S[q] = x.x, S[q + 1] = x.y, S[q + 2] = x.z, S[q + 3] = x.w;
     }
   }
-  using Keys = ChunkShare<N, N, kThreads, F>;
-  Keys nr, nw, nk, na, nb;  // the next chunk, in flight
-  ChunkShare<N, R, kThreads, F> nv;
-  auto prefetch = [&](int t0) {
-    const int L = min(CK, T - t0);
-    nr.load(r, bb, t0, L, h, T, H);
-    nw.load(w, bb, t0, L, h, T, H);
-    nk.load(k, bb, t0, L, h, T, H);
-    na.load(a, bb, t0, L, h, T, H);
-    nb.load(b, bb, t0, L, h, T, H);
-    nv.load(v, bb, t0, L, h, T, H, g * R);
-  };
+  NextChunk<F, N, R, kThreads, false> next;  // in flight
+  auto prefetch = [&](int t0) { next.load(r, w, k, v, a, b, bb, t0, min(CK, T - t0), h, T, H, g * R); };
   prefetch(0);
   const int off = p * Lay::kPitch;  // this thread's slice
   for (int c = 0; c < nc; ++c) {
     const int t0 = c * CK, L = min(CK, T - t0);
     __syncthreads();  // the previous chunk is done with the shared vectors
-    nr.store(sr, VS, Lay::at, ident);
-    nw.store(sd, VS, Lay::at, decay7);
-    nk.store(sk, VS, Lay::at, ident);
-    na.store(sa, VS, Lay::at, ident);
-    nb.store(sb, VS, Lay::at, ident);
-    nv.store(&sv[0][0], R, plain, ident);
+    next.store(sr, sd, sk, &sv[0][0], sa, sb, VS, Lay::at);
     __syncthreads();
     if (c + 1 < nc) prefetch(t0 + CK);
     for (int l = 0; l < L; ++l) {
@@ -180,19 +201,15 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
 #pragma unroll
     for (int q = 0; q < M; ++q) dC[q] = g0[(p * M + q) * N + i];
   }
-  using Share = ChunkShare<N, N, kThreads, F>;
-  Share nr, nw, nk, nv, na, nb, ndy;  // the next chunk (going backwards), in flight
-  ChunkShare<N, N, kThreads, float> nsa;
+  struct : NextChunk<F, N, N, kThreads, true> {  // the next chunk (going backwards), in flight, with its dy and sa_t
+    ChunkShare<N, N, kThreads, F> dy;
+    ChunkShare<N, N, kThreads, float> sa_t;
+  } next;
   auto prefetch = [&](int t0) {
     const int L = min(CK, T - t0);
-    nr.load(r, bb, t0, L, h, T, H);
-    nw.load(w, bb, t0, L, h, T, H);
-    nk.load(k, bb, t0, L, h, T, H);
-    nv.load(v, bb, t0, L, h, T, H);
-    na.load(a, bb, t0, L, h, T, H);
-    nb.load(b, bb, t0, L, h, T, H);
-    ndy.load(dy, bb, t0, L, h, T, H);
-    nsa.load(sa_in, bb, t0, L, h, T, H);
+    next.load(r, w, k, v, a, b, bb, t0, L, h, T, H);
+    next.dy.load(dy, bb, t0, L, h, T, H);
+    next.sa_t.load(sa_in, bb, t0, L, h, T, H);
   };
   prefetch((nc - 1) * CK);
   for (int c = nc - 1; c >= 0; --c) {
@@ -201,15 +218,9 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
 #pragma unroll
     for (int q = 0; q < M; ++q) Sc[q] = cp[(p * M + q) * N + i];
     __syncthreads();  // the previous chunk's gradients are written out
-    nr.store(sr, VS, Lay::at, ident);
-    nw.store(&sw[0][0], N, plain, ident);
-    nw.store(sd, VS, Lay::at, decay7);
-    nk.store(sk, VS, Lay::at, ident);
-    nv.store(sv, VS, Lay::at, ident);
-    na.store(sa, VS, Lay::at, ident);
-    nb.store(sb, VS, Lay::at, ident);
-    ndy.store(sdy, VS, Lay::at, ident);
-    nsa.store(ssa, VS, Lay::at, ident);
+    next.store(sr, sd, sk, sv, sa, sb, VS, Lay::at, &sw[0][0]);
+    next.dy.store(sdy, VS, Lay::at, ident);
+    next.sa_t.store(ssa, VS, Lay::at, ident);
     __syncthreads();
     if (c > 0) prefetch(t0 - CK);
     for (int l = L - 1; l >= 0; --l) {
