@@ -15,8 +15,8 @@ void WKV_ENTRY(backward_cuda)(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, 
 void WKV_ENTRY(forward_chunked_cuda)(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y,
                                      Tensor sT, Tensor states, Tensor decay);
 void WKV_ENTRY(backward_chunked_cuda)(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tensor dsT,
-                                      Tensor sT, Tensor states, Tensor decay, Tensor dstates, Tensor dr, Tensor dw,
-                                      Tensor dk, Tensor dv, Tensor du, Tensor ds0);
+                                      Tensor states, Tensor decay, Tensor dstates, Tensor dr, Tensor dw, Tensor dk,
+                                      Tensor dv, Tensor du, Tensor ds0);
 
 namespace {
 
@@ -59,24 +59,32 @@ void backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tenso
   WKV_ENTRY(backward_cuda)(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0, rows);
 }
 
+// The chunked kernels load rows of r, k, v, dy 16 bytes at a time.
+void check_aligned(std::initializer_list<Tensor> ts) {
+  for (const auto& t : ts)
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                WKV_LABEL ": chunked kernels need 16-byte aligned r, k, v, dy (clone the tensor)");
+}
+
 void forward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT,
                      Tensor states, Tensor decay) {
   check_inputs(r, w, k, v, u, {y});
   wkv::check_f32({s0, sT, states, decay});
+  check_aligned({r, k, v});
   const int64_t nc = (r.size(1) + wkv::CK - 1) / wkv::CK, BH = r.size(0) * r.size(2);
   TORCH_CHECK(states.numel() == BH * nc * WKV_N * WKV_N && decay.numel() == BH * nc * WKV_N,
               WKV_LABEL ": chunked workspaces must be [B,H,ceil(T/16),N,N] and [B,H,ceil(T/16),N]");
   WKV_ENTRY(forward_chunked_cuda)(r, w, k, v, u, s0, y, sT, states, decay);
 }
 
-void backward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tensor dsT, Tensor sT,
-                      Tensor states, Tensor decay, Tensor dstates, Tensor dr, Tensor dw, Tensor dk, Tensor dv,
-                      Tensor du, Tensor ds0) {
+void backward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tensor dsT, Tensor states,
+                      Tensor decay, Tensor dstates, Tensor dr, Tensor dw, Tensor dk, Tensor dv, Tensor du, Tensor ds0) {
   check_inputs(r, w, k, v, u, {dy, dr, dk, dv});
   check_dw(r, dw);
-  wkv::check_f32({dsT, sT, states, decay, dstates, du, ds0});
+  wkv::check_f32({dsT, states, decay, dstates, du, ds0});
+  check_aligned({r, k, v, dy});
   TORCH_CHECK(dstates.numel() == states.numel(), WKV_LABEL ": dstates must be shaped like states");
-  WKV_ENTRY(backward_chunked_cuda)(r, w, k, v, u, dy, dsT, sT, states, decay, dstates, dr, dw, dk, dv, du, ds0);
+  WKV_ENTRY(backward_chunked_cuda)(r, w, k, v, u, dy, dsT, states, decay, dstates, dr, dw, dk, dv, du, ds0);
 }
 
 }  // namespace

@@ -37,6 +37,7 @@ class BenchConfig:
     reps: int = 10
     with_fla: bool = True
     sweep: bool = False  # also time each forced tiling of our kernels (wkv7: split, wkv5/6: rows per block)
+    profile: bool = False  # also record the GPU time per kernel of our default impl (torch profiler)
 
 
 def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -131,6 +132,22 @@ def measure(fn: Callable, x: dict, cfg: BenchConfig) -> dict:
     return dict(ms_fwd=round(ms_fwd, 4), ms_fwd_bwd=round(ms, 4), peak_mib=round(peak, 1))
 
 
+def kernel_times(fn: Callable, x: dict, steps: int = 3) -> list[dict]:
+    """GPU time per CUDA kernel over `steps` fwd+bwd (torch profiler), largest first: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    y0, s0 = fn(x)
+    gy, gs = torch.randn_like(y0), torch.randn_like(s0)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            y, s = fn(x)
+            torch.autograd.backward([y, s], [gy, gs])
+        torch.cuda.synchronize()
+    rows = [dict(kernel=e.key[:90], ms_per_step=round(e.device_time_total / 1e3 / steps, 4), calls=e.count // steps)
+            for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["ms_per_step"])[:10]
+
+
 def agreement(version: int) -> float:
     """RMS(y_ours - y_fla)/RMS(y_fla) on a small shape: proves both compute the same function."""
     x = make_inputs(version, 1, 256, 4, 64, seed=5)
@@ -158,7 +175,7 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
     short still leaves its numbers on disk)."""
     res = dict(gpu=torch.cuda.get_device_name(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                torch=torch.__version__, cuda=torch.version.cuda, fla_core=None, fla_error=None,
-               y_agreement_vs_fla={}, dtype="bf16 inputs, fp32 state in/out", rows=[])
+               y_agreement_vs_fla={}, dtype="bf16 inputs, fp32 state in/out", rows=[], profiles={})
     impls: dict[str, Callable] = {"ours": ours}
     if cfg.with_fla:
         try:
@@ -188,6 +205,10 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
                     times[name] = dict(error="out of memory")
                 del x
                 torch.cuda.empty_cache()
+                if cfg.profile and name == "ours" and "error" not in times[name]:
+                    x = make_inputs(version, B, T, H, cfg.head_size)
+                    res["profiles"][f"wkv{version} ours ({B},{T},{H})"] = kernel_times(make_fn(version), x)
+                    del x
                 res["rows"][first:] = shape_rows(version, B, T, H, times, cfg)
                 print(json.dumps(res["rows"][-1]), flush=True)
                 on_update(res)  # after every impl: a run cut short mid-shape keeps what it timed
@@ -216,6 +237,9 @@ def markdown(res: dict) -> str:
         lines.append(f"| wkv{r['version']} | {r['impl']} | {r['B']} | {r['T']} | {r['H']} | {r['ms_fwd']:.3f} | "
                      f"{r['ms_fwd_bwd']:.3f} | {r['mtok_s']:.2f} | {r['peak_mib']:.0f} | "
                      f"{r.get('speedup_vs_fla', '')} |")
+    for title, kernels in res.get("profiles", {}).items():
+        lines += ["", f"GPU time per kernel, {title}, per fwd+bwd:", "", "| kernel | ms | calls |", "|---|---|---|"]
+        lines += [f"| `{k['kernel']}` | {k['ms_per_step']:.3f} | {k['calls']} |" for k in kernels]
     return "\n".join(lines) + "\n"
 
 
@@ -232,13 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=BenchConfig.reps)
     p.add_argument("--no-fla", action="store_true", help="skip the fla comparison")
     p.add_argument("--sweep", action="store_true", help="also time every tiling of our kernels")
+    p.add_argument("--profile", action="store_true", help="also record the GPU time per kernel of ours")
     p.add_argument("--shapes", nargs="+", default=None, metavar="B,T,H", help="shapes to time (default: issue 3's)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench-kernels: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU machine")
         return 1
     cfg = BenchConfig(out_dir=args.out_dir, versions=tuple(args.versions), reps=args.reps, with_fla=not args.no_fla,
-                      sweep=args.sweep,
+                      sweep=args.sweep, profile=args.profile,
                       shapes=tuple(tuple(map(int, x.split(","))) for x in args.shapes) if args.shapes else SHAPES)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
 
