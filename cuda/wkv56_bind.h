@@ -13,10 +13,10 @@ void WKV_ENTRY(backward_cuda)(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, 
                               Tensor scratch, Tensor dr, Tensor dw, Tensor dk, Tensor dv, Tensor du, Tensor ds0,
                               int rows);
 void WKV_ENTRY(forward_chunked_cuda)(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y,
-                                     Tensor sT, Tensor states, Tensor decay);
+                                     Tensor sT, Tensor states, Tensor decay, Tensor scores);
 void WKV_ENTRY(backward_chunked_cuda)(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tensor dsT,
-                                      Tensor states, Tensor decay, Tensor dstates, Tensor dr, Tensor dw, Tensor dk,
-                                      Tensor dv, Tensor du, Tensor ds0);
+                                      Tensor states, Tensor decay, Tensor scores, Tensor dstates, Tensor dr,
+                                      Tensor dw, Tensor dk, Tensor dv, Tensor du, Tensor ds0);
 
 namespace {
 
@@ -66,25 +66,35 @@ void check_aligned(std::initializer_list<Tensor> ts) {
                 WKV_LABEL ": chunked kernels need 16-byte aligned r, k, v, dy (clone the tensor)");
 }
 
-void forward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT,
-                     Tensor states, Tensor decay) {
-  check_inputs(r, w, k, v, u, {y});
-  wkv::check_f32({s0, sT, states, decay});
-  check_aligned({r, k, v});
+// Workspaces: states [B,H,nc,N,N], decay [B,H,nc,N], scores [B,H,nc,16,16] (nc = ceil(T/16)).
+void check_workspaces(const Tensor& r, const Tensor& states, const Tensor& decay, const Tensor& scores) {
+  wkv::check_f32({states, decay, scores});
   const int64_t nc = (r.size(1) + wkv::CK - 1) / wkv::CK, BH = r.size(0) * r.size(2);
-  TORCH_CHECK(states.numel() == BH * nc * WKV_N * WKV_N && decay.numel() == BH * nc * WKV_N,
-              WKV_LABEL ": chunked workspaces must be [B,H,ceil(T/16),N,N] and [B,H,ceil(T/16),N]");
-  WKV_ENTRY(forward_chunked_cuda)(r, w, k, v, u, s0, y, sT, states, decay);
+  TORCH_CHECK(states.numel() == BH * nc * WKV_N * WKV_N && decay.numel() == BH * nc * WKV_N &&
+                  scores.numel() == BH * nc * wkv::CK * wkv::CK,
+              WKV_LABEL ": chunked workspaces must be [B,H,ceil(T/16)] x [N,N], [N] and [16,16]");
+}
+
+void forward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT,
+                     Tensor states, Tensor decay, Tensor scores) {
+  check_inputs(r, w, k, v, u, {y});
+  wkv::check_f32({s0, sT});
+  check_workspaces(r, states, decay, scores);
+  check_aligned({r, k, v});
+  WKV_ENTRY(forward_chunked_cuda)(r, w, k, v, u, s0, y, sT, states, decay, scores);
 }
 
 void backward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tensor dsT, Tensor states,
-                      Tensor decay, Tensor dstates, Tensor dr, Tensor dw, Tensor dk, Tensor dv, Tensor du, Tensor ds0) {
+                      Tensor decay, Tensor scores, Tensor dstates, Tensor dr, Tensor dw, Tensor dk, Tensor dv,
+                      Tensor du, Tensor ds0) {
   check_inputs(r, w, k, v, u, {dy, dr, dk, dv});
   check_dw(r, dw);
-  wkv::check_f32({dsT, states, decay, dstates, du, ds0});
+  wkv::check_f32({dsT, dstates, du, ds0});
+  check_workspaces(r, states, decay, scores);
   check_aligned({r, k, v, dy});
   TORCH_CHECK(dstates.numel() == states.numel(), WKV_LABEL ": dstates must be shaped like states");
-  WKV_ENTRY(backward_chunked_cuda)(r, w, k, v, u, dy, dsT, states, decay, dstates, dr, dw, dk, dv, du, ds0);
+  WKV_ENTRY(backward_chunked_cuda)(r, w, k, v, u, dy, dsT, states, decay, scores, dstates, dr, dw, dk, dv, du,
+                                    ds0);
 }
 
 }  // namespace
@@ -94,7 +104,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, WKV_LABEL " backward (sequential): every input gradient (per-(b,h) partials for u"
         " and wkv5's w) and ds0");
   m.def("forward_chunked", &forward_chunked, WKV_LABEL " forward (chunk-parallel): fills y, sT, chunk start states"
-        " and chunk decays");
+        ", chunk decays and pair scores");
   m.def("backward_chunked", &backward_chunked, WKV_LABEL " backward (chunk-parallel): every input gradient and ds0");
   m.def("head_size", []() { return WKV_N; });
   m.def("chunk_len", []() { return wkv::CK; });

@@ -16,6 +16,7 @@ constexpr int kGroups = kThreads / N;
 constexpr int SP = N + 4;       // padded row stride of an N x N tile in shared memory (float4 rows, no bank clash)
 constexpr int kScanUnroll = 8;  // chunks whose loads the scan issues before it uses them
 static_assert(N == 64 && C % kGroups == 0, "the chunked RWKV-5/6 kernels are built for head size 64");
+static_assert(C * C == kThreads, "one pair score per thread when the scores are saved and reloaded");
 
 struct Chunk {
   int b, h, c, t0, L;  // batch, head, chunk, first token, tokens in this chunk (< C only at the end)
@@ -51,7 +52,8 @@ __device__ __forceinline__ void load_rows(float (*dst)[N], const F* src, const C
 #pragma unroll
       for (int n = 0; n < V; ++n) f[n] = 0.f;
 #pragma unroll
-    for (int n = 0; n < V; n += 4) *reinterpret_cast<float4*>(&dst[l][x + n]) = make_float4(f[n], f[n + 1], f[n + 2], f[n + 3]);
+    for (int n = 0; n < V; n += 4)
+      *reinterpret_cast<float4*>(&dst[l][x + n]) = make_float4(f[n], f[n + 1], f[n + 2], f[n + 3]);
   }
 }
 
@@ -65,13 +67,14 @@ __device__ __forceinline__ void load_log_decay(float (*lw)[N], const F* w, const
   }
 }
 
-// Bx[t][x] = sum_{s<t} lw[s][x] for t = 0..C; call with every thread, ends with a barrier.
+// Bx[t][x] = log2(e) * sum_{s<t} lw[s][x] for t = 0..C (base-2 units: every decay factor is one exp2f);
+// call with every thread, ends with a barrier.
 __device__ __forceinline__ void prefix_decay(const float (*lw)[N], float (*Bx)[N]) {
   if (threadIdx.x < N) {
     float acc = 0.f;
     Bx[0][threadIdx.x] = 0.f;
 #pragma unroll
-    for (int l = 0; l < C; ++l) Bx[l + 1][threadIdx.x] = acc += lw[l][threadIdx.x];
+    for (int l = 0; l < C; ++l) Bx[l + 1][threadIdx.x] = acc += lw[l][threadIdx.x] * 1.4426950408889634f;
   }
   __syncthreads();
 }
@@ -86,27 +89,34 @@ __device__ __forceinline__ void load_tile(float (*dst)[SP], const float* src) {
 
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
-// The chunk's pair scores A[t][s] = sum_j r_t k_s e^{Bx_t - Bx_{s+1}} (s < t), A[t][t] = sum_j u r_t k_t, and
-// (when G is given) G[t][s] = dy_t . v_s for s <= t: one warp per pair, two keys per lane. Ends with a barrier.
+// The chunk's pair scores A[t][s] = sum_j r_t k_s e^{Bx_t - Bx_{s+1}} (s < t), A[t][t] = sum_j u r_t k_t: one warp
+// per pair, two keys per lane. Ends with a barrier.
 __device__ __forceinline__ void pair_scores(const float (*r)[N], const float (*k)[N], const float (*Bx)[N], float u0,
-                                            float u1, float (*A)[C], const float (*dy)[N], const float (*v)[N],
-                                            float (*G)[C]) {
+                                            float u1, float (*A)[C]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, j0 = lane, j1 = lane + 32;
+  for (int p = warp; p < C * C; p += kThreads / 32) {
+    const int t = p / C, s = p % C;
+    if (s > t) continue;
+    float a;
+    if (s < t)
+      a = r[t][j0] * k[s][j0] * exp2f(Bx[t][j0] - Bx[s + 1][j0]) +
+          r[t][j1] * k[s][j1] * exp2f(Bx[t][j1] - Bx[s + 1][j1]);
+    else
+      a = u0 * r[t][j0] * k[t][j0] + u1 * r[t][j1] * k[t][j1];
+    a = wkv::group_sum<32>(a);
+    if (lane == 0) A[t][s] = a;
+  }
+  __syncthreads();
+}
+
+// G[t][s] = dy_t . v_s for s <= t, one warp per pair. Ends with a barrier.
+__device__ __forceinline__ void pair_dots(const float (*dy)[N], const float (*v)[N], float (*G)[C]) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int p = warp; p < C * C; p += kThreads / 32) {
     const int t = p / C, s = p % C;
     if (s > t) continue;
-    const int j0 = lane, j1 = lane + 32;
-    float a;
-    if (s < t)
-      a = r[t][j0] * k[s][j0] * __expf(Bx[t][j0] - Bx[s + 1][j0]) + r[t][j1] * k[s][j1] * __expf(Bx[t][j1] - Bx[s + 1][j1]);
-    else
-      a = u0 * r[t][j0] * k[t][j0] + u1 * r[t][j1] * k[t][j1];
-    a = wkv::group_sum<32>(a);
-    if (G != nullptr) {
-      const float g = wkv::group_sum<32>(dy[t][j0] * v[s][j0] + dy[t][j1] * v[s][j1]);
-      if (lane == 0) G[t][s] = g;
-    }
-    if (lane == 0) A[t][s] = a;
+    const float g = wkv::group_sum<32>(dy[t][lane] * v[s][lane] + dy[t][lane + 32] * v[s][lane + 32]);
+    if (lane == 0) G[t][s] = g;
   }
   __syncthreads();
 }
@@ -117,8 +127,9 @@ __device__ __forceinline__ void pair_scores(const float (*r)[N], const float (*k
 template <bool kReverse>
 __device__ __forceinline__ int slot(int c, int nc) { return kReverse ? nc - 1 - c : c; }
 
-// out[bh][slot(c)] = sum_l P[l] Q[l]^T (N x N): the chunk's own state contribution (forward: P = v, Q = k e^{Bt-Bx_{l+1}},
-// and the chunk's total decay e^{Bt}) or its own part of the state gradient (backward: P = dy, Q = r e^{Bx_l}).
+// out[bh][slot(c)] = sum_l P[l] Q[l]^T (N x N): the chunk's own state contribution (forward: P = v,
+// Q = k e^{Bt-Bx_{l+1}}, and the chunk's total decay e^{Bt}) or its own part of the state gradient (backward:
+// P = dy, Q = r e^{Bx_l}). Bx is in base-2 units here (see prefix_decay).
 template <typename F, bool kGrad>
 __global__ void __launch_bounds__(kThreads) chunk_outer(int T, int H, const F* __restrict__ p_src,
     const F* __restrict__ q_src, const F* __restrict__ w, float* __restrict__ out, float* __restrict__ decay) {
@@ -134,10 +145,10 @@ __global__ void __launch_bounds__(kThreads) chunk_outer(int T, int H, const F* _
   prefix_decay(lw, Bx);
   for (int e = threadIdx.x; e < C * N; e += kThreads) {
     const int l = e / N, x = e % N;
-    Q[l][x] *= __expf(kGrad ? Bx[l][x] : Bx[C][x] - Bx[l + 1][x]);
+    Q[l][x] *= exp2f(kGrad ? Bx[l][x] : Bx[C][x] - Bx[l + 1][x]);
   }
   if (!kGrad && threadIdx.x < N)
-    decay[(int64_t(blockIdx.y) * nc + q.c) * N + threadIdx.x] = __expf(Bx[C][threadIdx.x]);
+    decay[(int64_t(blockIdx.y) * nc + q.c) * N + threadIdx.x] = exp2f(Bx[C][threadIdx.x]);
   __syncthreads();
   const int i0 = (threadIdx.x / 16) * 4, j0 = (threadIdx.x % 16) * 4;  // a 4 x 4 register tile per thread
   float acc[4][4] = {};
@@ -189,11 +200,12 @@ struct OutputSmem {
   float r[C][N], k[C][N], v[C][N], rt[C][N], lw[C][N], Bx[C + 1][N], A[C][C];
 };
 
-// y of one chunk from its start state (states[bh][c]) and its own tokens.
+// y of one chunk from its start state (states[bh][c]) and its own tokens; keeps the pair scores for the backward
+// (scores[bh][c], C x C, lower triangle).
 template <typename F>
 __global__ void __launch_bounds__(kThreads) chunk_output(int T, int H, const F* __restrict__ r_,
     const F* __restrict__ w_, const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ u_,
-    const float* __restrict__ states, F* __restrict__ y) {
+    const float* __restrict__ states, F* __restrict__ y, float* __restrict__ scores) {
   extern __shared__ float4 smem_raw[];
   OutputSmem& sm = *reinterpret_cast<OutputSmem*>(smem_raw);
   const Chunk q(T, H);
@@ -204,9 +216,11 @@ __global__ void __launch_bounds__(kThreads) chunk_output(int T, int H, const F* 
   load_tile(sm.S, states + (int64_t(blockIdx.y) * gridDim.x + q.c) * N * N);
   __syncthreads();
   prefix_decay(sm.lw, sm.Bx);
-  for (int e = threadIdx.x; e < C * N; e += kThreads) sm.rt[e / N][e % N] = sm.r[e / N][e % N] * __expf(sm.Bx[e / N][e % N]);
+  for (int e = threadIdx.x; e < C * N; e += kThreads)
+    sm.rt[e / N][e % N] = sm.r[e / N][e % N] * exp2f(sm.Bx[e / N][e % N]);
   const float u0 = wkv::to_f(u_[q.h * N + threadIdx.x % 32]), u1 = wkv::to_f(u_[q.h * N + threadIdx.x % 32 + 32]);
-  pair_scores(sm.r, sm.k, sm.Bx, u0, u1, sm.A, nullptr, nullptr, nullptr);
+  pair_scores(sm.r, sm.k, sm.Bx, u0, u1, sm.A);
+  scores[(int64_t(blockIdx.y) * gridDim.x + q.c) * C * C + threadIdx.x] = sm.A[threadIdx.x / C][threadIdx.x % C];
 
   const int i = threadIdx.x % N, g = threadIdx.x / N;  // value row i, tokens g, g + 4, ...
   constexpr int Q = C / kGroups;
@@ -252,7 +266,8 @@ __device__ __forceinline__ void column_dots(const float (*S)[SP], const float (*
 template <typename F>
 __global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* __restrict__ r_,
     const F* __restrict__ w_, const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ u_,
-    const F* __restrict__ dy_, const float* __restrict__ states, const float* __restrict__ dstates,
+    const F* __restrict__ dy_, const float* __restrict__ states, const float* __restrict__ scores,
+    const float* __restrict__ dstates,
     F* __restrict__ dr, F* __restrict__ dw, F* __restrict__ dk, F* __restrict__ dv, float* __restrict__ du,
     float* __restrict__ dw_head) {
   extern __shared__ float4 smem_raw[];
@@ -266,17 +281,17 @@ __global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* _
   load_rows(v, v_, q, T, H);
   load_rows(sm.dy, dy_, q, T, H);
   load_log_decay(sm.lw, w_, q, T, H);
+  sm.A[threadIdx.x / C][threadIdx.x % C] = scores[(int64_t(bh) * nc + q.c) * C * C + threadIdx.x];
   load_tile(sm.S, dstates + (int64_t(bh) * nc + slot<true>(q.c, nc)) * N * N);
   __syncthreads();
   prefix_decay(sm.lw, sm.Bx);
   for (int e = threadIdx.x; e < C * N; e += kThreads) {
     const int l = e / N, x = e % N;
-    kt[l][x] = sm.k[l][x] * __expf(sm.Bx[C][x] - sm.Bx[l + 1][x]);
+    kt[l][x] = sm.k[l][x] * exp2f(sm.Bx[C][x] - sm.Bx[l + 1][x]);
   }
   const int x = threadIdx.x % N, g = threadIdx.x / N;  // feature x (value row or key), tokens g, g + 4, ...
   const float ux = wkv::to_f(u_[q.h * N + x]);
-  const float u0 = wkv::to_f(u_[q.h * N + threadIdx.x % 32]), u1 = wkv::to_f(u_[q.h * N + threadIdx.x % 32 + 32]);
-  pair_scores(sm.r, sm.k, sm.Bx, u0, u1, sm.A, sm.dy, v, sm.G);
+  pair_dots(sm.dy, v, sm.G);
   constexpr int Q = C / kGroups;
 
   // dv_s = sum_{t>=s} A[t,s] dy_t + dS_end kt_s  (x = value row)
@@ -300,9 +315,9 @@ __global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* _
 #pragma unroll
   for (int n = 0; n < Q; ++n) {
     const int s = g + n * kGroups;
-    float f = end[n] * __expf(sm.Bx[C][x] - sm.Bx[s + 1][x]);
+    float f = end[n] * exp2f(sm.Bx[C][x] - sm.Bx[s + 1][x]);
     kt[s][x] = sm.k[s][x] * f;  // k_end
-    for (int t = s + 1; t < C; ++t) f += sm.G[t][s] * sm.r[t][x] * __expf(sm.Bx[t][x] - sm.Bx[s + 1][x]);
+    for (int t = s + 1; t < C; ++t) f += sm.G[t][s] * sm.r[t][x] * exp2f(sm.Bx[t][x] - sm.Bx[s + 1][x]);
     if (s < q.L) dk[wkv::seq_off(q.b, q.t0 + s, q.h, T, H, N) + x] = wkv::from_f<F>(f + ux * sm.r[s][x] * sm.G[s][s]);
   }
   __syncthreads();
@@ -315,9 +330,9 @@ __global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* _
 #pragma unroll
   for (int n = 0; n < Q; ++n) {
     const int t = g + n * kGroups;
-    float f = in[n] * __expf(sm.Bx[t][x]);
+    float f = in[n] * exp2f(sm.Bx[t][x]);
     v[t][x] = sm.r[t][x] * f;  // r_in (v is no longer read: the barrier before the state reload)
-    for (int s = 0; s < t; ++s) f += sm.G[t][s] * sm.k[s][x] * __expf(sm.Bx[t][x] - sm.Bx[s + 1][x]);
+    for (int s = 0; s < t; ++s) f += sm.G[t][s] * sm.k[s][x] * exp2f(sm.Bx[t][x] - sm.Bx[s + 1][x]);
     if (t < q.L) dr[wkv::seq_off(q.b, q.t0 + t, q.h, T, H, N) + x] = wkv::from_f<F>(f + ux * sm.k[t][x] * sm.G[t][t]);
   }
   {
@@ -340,7 +355,7 @@ __global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* _
 #pragma unroll
       for (int s = 1; s < C; ++s)
         if (s < t) {
-          prefix += sm.G[t][s - 1] * sm.k[s - 1][x] * __expf(bt - sm.Bx[s][x]);
+          prefix += sm.G[t][s - 1] * sm.k[s - 1][x] * exp2f(bt - sm.Bx[s][x]);
           straddle[s] += rt * prefix;
         }
     }
@@ -355,7 +370,7 @@ __global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* _
     for (int s = 0; s < C; ++s) before[s] = run, run += kt[s][x];  // k_end
     float whole = 0.f;
     for (int p = 0; p < kGroups; ++p) whole += sm.part[p][x];
-    whole *= __expf(sm.Bx[C][x]);
+    whole *= exp2f(sm.Bx[C][x]);
     float after = 0.f, head_w = 0.f, acc_u = 0.f;
 #pragma unroll
     for (int s = C - 1; s >= 0; --s) {
@@ -376,7 +391,7 @@ inline dim3 chunk_grid(int T, int BH) { return dim3((T + C - 1) / C, BH); }
 
 template <typename F>
 void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u, torch::Tensor s0,
-             torch::Tensor y, torch::Tensor sT, torch::Tensor states, torch::Tensor decay) {
+             torch::Tensor y, torch::Tensor sT, torch::Tensor states, torch::Tensor decay, torch::Tensor scores) {
   const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + C - 1) / C;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid = chunk_grid(T, B * H);
@@ -389,7 +404,7 @@ void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
   auto out = chunk_output<F>;
   wkv::allow_smem(out, sizeof(OutputSmem));
   out<<<grid, kThreads, sizeof(OutputSmem), stream>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k), cptr<F>(v),
-                                                      cptr<F>(u), states.data_ptr<float>(), mptr<F>(y));
+      cptr<F>(u), states.data_ptr<float>(), mptr<F>(y), scores.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -397,7 +412,7 @@ void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
 // dstates: fp32 workspace shaped like states.
 template <typename F>
 void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u, torch::Tensor dy,
-              torch::Tensor dsT, torch::Tensor states, torch::Tensor decay, torch::Tensor dstates,
+              torch::Tensor dsT, torch::Tensor states, torch::Tensor decay, torch::Tensor scores, torch::Tensor dstates,
               torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor du,
               torch::Tensor ds0) {
   const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + C - 1) / C;
@@ -414,7 +429,7 @@ void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v
   auto grads = chunk_grads<F>;
   wkv::allow_smem(grads, sizeof(GradSmem));
   grads<<<grid, kThreads, sizeof(GradSmem), stream>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k), cptr<F>(v),
-      cptr<F>(u), cptr<F>(dy), states.data_ptr<float>(), dstates.data_ptr<float>(),
+      cptr<F>(u), cptr<F>(dy), states.data_ptr<float>(), scores.data_ptr<float>(), dstates.data_ptr<float>(),
       mptr<F>(dr), kTimeDecay ? mptr<F>(dw) : nullptr, mptr<F>(dk), mptr<F>(dv), du.data_ptr<float>(),
       kTimeDecay ? nullptr : dw.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -425,15 +440,18 @@ void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v
 // Entry points of the chunked kernels with the version in the name, defined once per including .cu file.
 #define WKV56_DEFINE_CHUNKED_ENTRY_POINTS(FWD_NAME, BWD_NAME)                                                      \
   void FWD_NAME(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,               \
-                torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor states, torch::Tensor decay) {  \
-    if (r.scalar_type() == at::kBFloat16) wkv56c::forward<__nv_bfloat16>(r, w, k, v, u, s0, y, sT, states, decay); \
-    else wkv56c::forward<float>(r, w, k, v, u, s0, y, sT, states, decay);                                          \
+                torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor states, torch::Tensor decay,    \
+                torch::Tensor scores) {                                                                            \
+    if (r.scalar_type() == at::kBFloat16)                                                                          \
+      wkv56c::forward<__nv_bfloat16>(r, w, k, v, u, s0, y, sT, states, decay, scores);                             \
+    else wkv56c::forward<float>(r, w, k, v, u, s0, y, sT, states, decay, scores);                                  \
   }                                                                                                                \
   void BWD_NAME(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,               \
                 torch::Tensor dy, torch::Tensor dsT, torch::Tensor states, torch::Tensor decay,                   \
-                torch::Tensor dstates, torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv,     \
-                torch::Tensor du, torch::Tensor ds0) {                                                             \
+                torch::Tensor scores, torch::Tensor dstates, torch::Tensor dr, torch::Tensor dw,                   \
+                torch::Tensor dk, torch::Tensor dv, torch::Tensor du, torch::Tensor ds0) {                         \
     if (r.scalar_type() == at::kBFloat16)                                                                          \
-      wkv56c::backward<__nv_bfloat16>(r, w, k, v, u, dy, dsT, states, decay, dstates, dr, dw, dk, dv, du, ds0); \
-    else wkv56c::backward<float>(r, w, k, v, u, dy, dsT, states, decay, dstates, dr, dw, dk, dv, du, ds0);    \
+      wkv56c::backward<__nv_bfloat16>(r, w, k, v, u, dy, dsT, states, decay, scores, dstates, dr, dw, dk, dv, du,  \
+                                      ds0);                                                                        \
+    else wkv56c::backward<float>(r, w, k, v, u, dy, dsT, states, decay, scores, dstates, dr, dw, dk, dv, du, ds0); \
   }

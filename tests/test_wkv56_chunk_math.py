@@ -89,7 +89,8 @@ def kernel_backward(r, lw, k, v, u, s0, dy, dsT):
     whole = Bt.exp() * (S_start * dS_end).sum(-2)                      # S_start decays through the whole chunk
     M = G[..., None] * r[..., :, None, :] * k[..., None, :, :] * E     # M[t, s'] = G r_t k_s' e^{Bx_t - Bx_{s'+1}}
     idx = torch.arange(C)
-    later, earlier = (idx[:, None] > idx).to(r.dtype), (idx[:, None] < idx).to(r.dtype)  # [t, s]: t > s; [s', s]: s' < s
+    later = (idx[:, None] > idx).to(r.dtype)                          # later[t, s] = t > s
+    earlier = (idx[:, None] < idx).to(r.dtype)                        # earlier[s', s] = s' < s
     dlw = (torch.einsum("ts,...tj->...sj", later, r_in) + torch.einsum("qs,...qj->...sj", earlier, k_end)
            + whole[..., None, :] + torch.einsum("...tqj,ts,qs->...sj", M, later, earlier))
     back = lambda x: x.permute(0, 2, 3, 1, 4).reshape(x.shape[0], -1, x.shape[1], x.shape[-1])[:, :T]  # noqa: E731

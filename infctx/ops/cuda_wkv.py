@@ -151,8 +151,9 @@ def _aligned(t: Tensor) -> Tensor:
 
 
 class _WKV56Chunked(torch.autograd.Function):
-    """RWKV-5/6 on the chunk-parallel kernels (cuda/wkv56_chunked.cuh): saves each chunk's start state and
-    total decay; the backward passes the state gradient back over chunks, then computes every chunk at once."""
+    """RWKV-5/6 on the chunk-parallel kernels (cuda/wkv56_chunked.cuh): saves each chunk's start state, total
+    decay and 16 x 16 pair scores; the backward passes the state gradient back over chunks, then computes every
+    chunk at once."""
 
     @staticmethod
     def forward(ctx, version, r, w, k, v, u, s0):
@@ -162,22 +163,24 @@ class _WKV56Chunked(torch.autograd.Function):
         y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
         states = torch.empty(B, H, nc, N, N, device=r.device)
         decay = torch.empty(B, H, nc, N, device=r.device)
+        scores = torch.empty(B, H, nc, 16, 16, device=r.device)
         r, k, v = (_aligned(x) for x in (r, k, v))
-        ext.forward_chunked(r, w, k, v, u, _state_in(s0, r), y, sT, states, decay)
-        ctx.save_for_backward(r, w, k, v, u, states, decay)
+        ext.forward_chunked(r, w, k, v, u, _state_in(s0, r), y, sT, states, decay, scores)
+        ctx.save_for_backward(r, w, k, v, u, states, decay, scores)
         ctx.version, ctx.has_s0 = version, s0 is not None
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, u, states, decay = ctx.saved_tensors
+        r, w, k, v, u, states, decay, scores = ctx.saved_tensors
         B, T, H, N = r.shape
         ext = load_extension(ctx.version, N, r.device)
         dr, dk, dv = (torch.empty_like(r) for _ in range(3))
         dw = torch.empty_like(w) if ctx.version == 6 else torch.empty(B, H, N, device=r.device)
         du, ds0 = torch.empty(B, H, N, device=r.device), torch.empty(B, H, N, N, device=r.device)
-        ext.backward_chunked(r, w, k, v, u, _aligned(_grad_in(dy, r, r.dtype)), _grad_in(dsT, ds0, torch.float32), states,
-                             decay, torch.empty_like(states), dr, dw, dk, dv, du, ds0)
+        dy, dsT = _aligned(_grad_in(dy, r, r.dtype)), _grad_in(dsT, ds0, torch.float32)
+        ext.backward_chunked(r, w, k, v, u, dy, dsT, states, decay, scores, torch.empty_like(states),
+                             dr, dw, dk, dv, du, ds0)
         if ctx.version == 5:
             dw = dw.sum(0).to(w.dtype)
         return None, dr, dw, dk, dv, du.sum(0).to(u.dtype), ds0 if ctx.has_s0 else None
