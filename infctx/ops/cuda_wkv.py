@@ -19,6 +19,7 @@ from .cuda_build import HEAD_SIZES, CudaBuildError, load_extension, preflight
 
 DTYPES = (torch.bfloat16, torch.float32)
 KERNELS_56 = ("chunked", "sequential")
+MAX_CHUNKED_HEADS = 65535  # the chunked kernels put B*H on the grid's y axis
 
 
 def validate_inputs(version: int, seq: dict[str, Tensor], params: dict[str, Tensor], s0: Tensor | None) -> None:
@@ -192,6 +193,9 @@ def _wkv56(version: int, r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, 
         raise ValueError(f"wkv{version} cuda: kernel={kernel!r}; choose one of {', '.join(KERNELS_56)}")
     if kernel == "sequential":
         return _WKV56.apply(version, r, *_like_r(r, w, k, v, u), s0, rows_per_block)
+    if r.shape[0] * r.shape[2] > MAX_CHUNKED_HEADS:
+        raise ValueError(f"wkv{version} cuda: B*H = {r.shape[0] * r.shape[2]} exceeds {MAX_CHUNKED_HEADS} (the chunked "
+                         "kernel's grid height); use a smaller batch or kernel='sequential'")
     return _WKV56Chunked.apply(version, r, *_like_r(r, w, k, v, u), s0)
 
 
