@@ -7,6 +7,9 @@
 //             y_t = S_c (r_t e^{Bx_t}) + sum_{s<=t} A[t,s] v_s      (chunk_output)
 //   backward  the same three passes on dy: dS_end flows back by the reverse scan, then chunk_grads.
 // Every exponent is <= 0 (pairwise factors e^{Bx_t - Bx_{s+1}}, s < t), so no decay can overflow; all math is fp32.
+// Everything has internal linkage (anonymous namespace): wkv5 and wkv6 instantiate the same names with different
+// kTimeDecay, and must never bind to each other's launchers.
+namespace {
 namespace wkv56c {
 
 constexpr int C = wkv::CK;      // tokens per chunk (the binding sizes the workspaces by CK)
@@ -436,6 +439,7 @@ void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v
 }
 
 }  // namespace wkv56c
+}  // namespace
 
 // Entry points of the chunked kernels with the version in the name, defined once per including .cu file.
 #define WKV56_DEFINE_CHUNKED_ENTRY_POINTS(FWD_NAME, BWD_NAME)                                                      \
