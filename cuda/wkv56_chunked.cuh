@@ -5,8 +5,10 @@
 //   forward   dS_c = sum_s v_s (k_s e^{Bt - Bx_{s+1}})^T           (chunk_outer, every chunk at once)
 //             S_{c+1} = S_c diag(e^{Bt}) + dS_c                     (scan, sequential over chunks, per element)
 //             y_t = S_c (r_t e^{Bx_t}) + sum_{s<=t} A[t,s] v_s      (chunk_output)
-//   backward  the same three passes on dy: dS_end flows back by the reverse scan, then chunk_grads.
-// Every exponent is <= 0 (pairwise factors e^{Bx_t - Bx_{s+1}}, s < t), so no decay can overflow; all math is fp32.
+//   backward  the same three passes on dy: dS_end flows back by the reverse scan, then chunk_grads (which reuses
+//             the forward's pair scores A).
+// Every exponent is <= 0 (pairwise factors e^{Bx_t - Bx_{s+1}}, s < t), so no decay can overflow; all math is fp32
+// (the log-decay is floored at kMinLogDecay).
 // Everything has internal linkage (anonymous namespace): wkv5 and wkv6 instantiate the same names with different
 // kTimeDecay, and must never bind to each other's launchers.
 namespace {
@@ -18,6 +20,10 @@ constexpr int kThreads = 256;   // 4 groups of N threads
 constexpr int kGroups = kThreads / N;
 constexpr int SP = N + 4;       // padded row stride of an N x N tile in shared memory (float4 rows, no bank clash)
 constexpr int kScanUnroll = 8;  // chunks whose loads the scan issues before it uses them
+// Floor of the per-token log-decay: a decay below e^-60 (~1e-26) acts as e^-60. It keeps w > 88.7 (where -exp(w)
+// is -inf) from turning the prefix sums into inf - inf = NaN, and keeps them small enough that differences of two
+// of them stay exact to ~1e-6 in fp32. The op is exact for decays above the floor; below it dw is 0.
+constexpr float kMinLogDecay = -60.f;
 static_assert(N == 64 && C % kGroups == 0, "the chunked RWKV-5/6 kernels are built for head size 64");
 static_assert(C * C == kThreads, "one pair score per thread when the scores are saved and reloaded");
 
@@ -60,13 +66,14 @@ __device__ __forceinline__ void load_rows(float (*dst)[N], const F* src, const C
   }
 }
 
-// lw[l][x] = -exp(w) for the chunk's tokens (wkv6: w per token; wkv5: w[h] for every token), 0 past the end.
+// lw[l][x] = max(-exp(w), kMinLogDecay) for the chunk's tokens (wkv6: w per token; wkv5: w[h] for every token),
+// 0 past the end.
 template <typename F>
 __device__ __forceinline__ void load_log_decay(float (*lw)[N], const F* w, const Chunk& q, int T, int H) {
   for (int e = threadIdx.x; e < C * N; e += kThreads) {
     const int l = e / N, x = e % N;
     const int64_t at = kTimeDecay ? wkv::seq_off(q.b, q.t0 + l, q.h, T, H, N) + x : int64_t(q.h) * N + x;
-    lw[l][x] = l < q.L ? -expf(wkv::to_f(w[at])) : 0.f;
+    lw[l][x] = l < q.L ? fmaxf(-expf(wkv::to_f(w[at])), kMinLogDecay) : 0.f;
   }
 }
 
@@ -92,14 +99,17 @@ __device__ __forceinline__ void load_tile(float (*dst)[SP], const float* src) {
 
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
-// The chunk's pair scores A[t][s] = sum_j r_t k_s e^{Bx_t - Bx_{s+1}} (s < t), A[t][t] = sum_j u r_t k_t: one warp
-// per pair, two keys per lane. Ends with a barrier.
+// The chunk's pair scores A[t][s] = sum_j r_t k_s e^{Bx_t - Bx_{s+1}} (s < t), A[t][t] = sum_j u r_t k_t, 0 above
+// the diagonal (every entry is saved for the backward): one warp per pair, two keys per lane. Ends with a barrier.
 __device__ __forceinline__ void pair_scores(const float (*r)[N], const float (*k)[N], const float (*Bx)[N], float u0,
                                             float u1, float (*A)[C]) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, j0 = lane, j1 = lane + 32;
   for (int p = warp; p < C * C; p += kThreads / 32) {
     const int t = p / C, s = p % C;
-    if (s > t) continue;
+    if (s > t) {  // warp-uniform
+      if (lane == 0) A[t][s] = 0.f;
+      continue;
+    }
     float a;
     if (s < t)
       a = r[t][j0] * k[s][j0] * exp2f(Bx[t][j0] - Bx[s + 1][j0]) +
@@ -204,7 +214,7 @@ struct OutputSmem {
 };
 
 // y of one chunk from its start state (states[bh][c]) and its own tokens; keeps the pair scores for the backward
-// (scores[bh][c], C x C, lower triangle).
+// (scores[bh][c], C x C, zero above the diagonal).
 template <typename F>
 __global__ void __launch_bounds__(kThreads) chunk_output(int T, int H, const F* __restrict__ r_,
     const F* __restrict__ w_, const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ u_,
@@ -379,7 +389,7 @@ __global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* _
     for (int s = C - 1; s >= 0; --s) {
       float dlw = after + before[s] + whole;
       for (int p = 0; p < kGroups; ++p) dlw += pairs[p][s][x];
-      const float dws = dlw * sm.lw[s][x];
+      const float dws = sm.lw[s][x] > kMinLogDecay ? dlw * sm.lw[s][x] : 0.f;  // d lw / d w = lw above the floor
       if (kTimeDecay && s < q.L) dw[wkv::seq_off(q.b, q.t0 + s, q.h, T, H, N) + x] = wkv::from_f<F>(dws);
       head_w += dws;
       acc_u += sm.r[s][x] * sm.k[s][x] * sm.G[s][s];

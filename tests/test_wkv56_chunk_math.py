@@ -1,7 +1,7 @@
 """The math of the chunk-parallel RWKV-5/6 CUDA kernels (cuda/wkv56_chunked.cuh), mirrored step by step in
 float64 PyTorch and checked against autograd through the per-token oracle `wkv6_naive`.
 
-The kernels split T into chunks of 16 and run four passes: per-chunk outer products (the chunk's own state
+The kernels split T into chunks of 16 and run three passes each way: per-chunk outer products (the chunk's own state
 contribution, or in the backward its own contribution to the incoming state gradient), a scan over chunks that
 passes the state forward (or its gradient backward), and per-chunk outputs / gradients from the chunk's start
 state and end-state gradient. The backward formulas, in particular the log-decay gradient as a sum of four
@@ -17,6 +17,18 @@ import torch
 from infctx import ops
 
 C = 16  # tokens per chunk, as in the kernel
+MIN_LOG_DECAY = -60.0  # the kernel's floor of the per-token log-decay (kMinLogDecay)
+
+
+def log_decay(w):
+    """The kernel's log-decay: -exp(w), floored (a decay below e^-60 acts as e^-60)."""
+    return (-w.exp()).clamp(min=MIN_LOG_DECAY)
+
+
+def decay_grad(dlw, w):
+    """dw from dlw: d(-exp(w))/dw = -exp(w) above the floor, 0 below it."""
+    lw = -w.exp()
+    return torch.where(lw > MIN_LOG_DECAY, dlw * lw, torch.zeros_like(dlw))
 
 
 def chunk_views(x, T):
@@ -112,14 +124,14 @@ def test_chunk_kernel_math_matches_autograd_of_the_oracle(T):
     y_ref, sT_ref = ops.wkv6_naive(*leaves)
     torch.autograd.backward([y_ref, sT_ref], [dy, dsT])
 
-    lw = -w.exp()
+    lw = log_decay(w)
     y, sT, _ = kernel_forward(r, lw, k, v, u, s0)
     y = y.permute(0, 2, 3, 1, 4).reshape(B, -1, H, N)[:, :T]
     torch.testing.assert_close(y, y_ref.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(sT, sT_ref.detach(), rtol=1e-10, atol=1e-10)
 
     dr, dlw, dk, dv, du, ds0 = kernel_backward(r, lw, k, v, u, s0, dy, dsT)
-    dw = dlw * lw                                                      # d(-e^w)/dw = -e^w = lw
+    dw = decay_grad(dlw, w)
     for name, got, leaf in zip("r w k v u s0".split(), (dr, dw, dk, dv, du, ds0), leaves):
         torch.testing.assert_close(got, leaf.grad, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"d{n}: {m}")
 
@@ -137,8 +149,39 @@ def test_decay_gradient_has_no_cancellation_in_fp32():
     dy, dsT = rnd(B, T, H, N), rnd(B, H, N, N)
     leaves = [x.clone().requires_grad_() for x in (r, w, k, v, u, s0)]
     torch.autograd.backward(list(ops.wkv6_naive(*leaves)), [dy, dsT])
-    f32 = [x.float() for x in (r, -w.exp(), k, v, u, s0, dy, dsT)]
+    f32 = [x.float() for x in (r, log_decay(w), k, v, u, s0, dy, dsT)]
     _, dlw, *_ = kernel_backward(*f32)
-    dw = dlw.double() * -w.exp()
+    dw = decay_grad(dlw.double(), w)
     rel = ((dw - leaves[1].grad).pow(2).mean().sqrt() / leaves[1].grad.pow(2).mean().sqrt()).item()
     assert rel <= 1e-5, rel
+
+
+def rel_rms(got, ref):
+    return ((got.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+@pytest.mark.parametrize("big", [8.0, 100.0])
+def test_floored_log_decay_keeps_fp32_exact_and_finite(big):
+    """One near-zero decay per chunk (w = 8: log-decay -2981; w = 100: -exp(w) overflows fp32 to -inf) among slow
+    ones (w = -7): without the floor the fp32 prefix sums lose ~1e-4 (w = 8, differences of two large sums) or give
+    inf - inf = NaN (w = 100); with it, y and every gradient stay within 1e-5 of float64 autograd of the unfloored op
+    (what passes through such a token is scaled by <= e^-60 either way)."""
+    g = torch.Generator().manual_seed(2)
+    B, T, H, N = 1, 64, 2, 16
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale)  # noqa: E731
+    r, k, v = rnd(B, T, H, N, scale=0.5), rnd(B, T, H, N, scale=0.5), rnd(B, T, H, N)
+    w = torch.full((B, T, H, N), -7.0, dtype=torch.float64)
+    w[:, 3::C] = big
+    u, s0 = rnd(H, N, scale=0.5), rnd(B, H, N, N, scale=0.3)
+    dy, dsT = rnd(B, T, H, N), rnd(B, H, N, N)
+    leaves = [x.clone().requires_grad_() for x in (r, w, k, v, u, s0)]
+    y_ref, sT_ref = ops.wkv6_naive(*leaves)
+    torch.autograd.backward([y_ref, sT_ref], [dy, dsT])
+    f32 = [x.float() for x in (r, log_decay(w), k, v, u, s0)]
+    y, sT, _ = kernel_forward(*f32)
+    y = y.permute(0, 2, 3, 1, 4).reshape(B, -1, H, N)[:, :T]
+    dr, dlw, dk, dv, du, ds0 = kernel_backward(*f32, dy.float(), dsT.float())
+    got = dict(y=y, sT=sT, dr=dr, dw=decay_grad(dlw.double(), w), dk=dk, dv=dv, du=du, ds0=ds0)
+    ref = dict(y=y_ref, sT=sT_ref, **{f"d{n}": x.grad for n, x in zip("r w k v u s0".split(), leaves)})
+    errors = {name: rel_rms(got[name], ref[name].detach()) for name in got}
+    assert max(errors.values()) <= 1e-5, errors

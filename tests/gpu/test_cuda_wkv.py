@@ -108,6 +108,23 @@ def test_chunked_kernel_extreme_decays(version):
     assert max(errors.values()) <= 1e-5, errors
 
 
+def test_chunked_kernel_floored_decay():
+    """wkv6, one near-zero decay per chunk among slow ones: w = 8 (log-decay -2981) and w = 100 (-exp(w) = -inf in
+    fp32) stay finite and within 1e-5 of float64 (the kernel floors the log-decay at -60; see
+    tests/test_wkv56_chunk_math.py for the same check of its math on CPU)."""
+    inputs = make_inputs(6, 1, 64, 2, 64, torch.float32, seed=15)
+    w = torch.full_like(inputs["w"], -7.0)
+    w[:, 3::32], w[:, 19::32] = 8.0, 100.0
+    inputs["w"] = w.contiguous()
+    g = torch.Generator(device="cuda").manual_seed(16)
+    gy = torch.randn(inputs["r"].shape, generator=g, device="cuda")
+    gs = torch.randn(inputs["s0"].shape, generator=g, device="cuda")
+    got = run(ops.get_wkv(6, "cuda"), inputs, gy, gs)
+    ref = run(ops.wkv6_naive, inputs, gy.double(), gs.double(), double=True)
+    errors = {name: rel_rms(got[name], ref[name]) for name in ref}
+    assert max(errors.values()) <= 1e-5, errors
+
+
 @pytest.mark.parametrize("split", [2, 4, 8])
 @pytest.mark.parametrize("shape", [(2, 37, 3), (2, 21, 32), (4, 33, 64)], ids=lambda s: "B{}T{}H{}".format(*s))
 def test_wkv7_every_split(shape, split):
