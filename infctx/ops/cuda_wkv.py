@@ -164,7 +164,7 @@ class _WKV56Chunked(torch.autograd.Function):
         y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
         states = torch.empty(B, H, nc, N, N, device=r.device)
         decay = torch.empty(B, H, nc, N, device=r.device)
-        scores = torch.empty(B, H, nc, 16, 16, device=r.device)
+        scores = torch.empty(B, H, nc, ext.chunk_len(), ext.chunk_len(), device=r.device)
         r, k, v = (_aligned(x) for x in (r, k, v))
         ext.forward_chunked(r, w, k, v, u, _state_in(s0, r), y, sT, states, decay, scores)
         ctx.save_for_backward(r, w, k, v, u, states, decay, scores)
