@@ -402,22 +402,30 @@ __global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* _
 
 inline dim3 chunk_grid(int T, int BH) { return dim3((T + C - 1) / C, BH); }
 
+// The state pass both directions share: every chunk's own outer product P Q^T into ws (and, in the forward, the
+// chunk decays), then the scan over chunks from init, which leaves each chunk's start state (forward) or end-state
+// gradient (backward) in ws and the last one in final_.
+template <typename F, bool kGrad>
+void state_pass(int B, int T, int H, const F* p_src, const F* q_src, const F* w, torch::Tensor ws,
+                torch::Tensor decay, torch::Tensor init, torch::Tensor final_) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  chunk_outer<F, kGrad><<<chunk_grid(T, B * H), kThreads, 0, stream>>>(T, H, p_src, q_src, w, ws.data_ptr<float>(),
+                                                                       kGrad ? nullptr : decay.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  scan_chunks<kGrad><<<dim3(N * N / kThreads, B * H), kThreads, 0, stream>>>((T + C - 1) / C, ws.data_ptr<float>(),
+      decay.data_ptr<float>(), init.data_ptr<float>(), final_.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename F>
 void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u, torch::Tensor s0,
              torch::Tensor y, torch::Tensor sT, torch::Tensor states, torch::Tensor decay, torch::Tensor scores) {
-  const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + C - 1) / C;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid = chunk_grid(T, B * H);
-  chunk_outer<F, false><<<grid, kThreads, 0, stream>>>(T, H, cptr<F>(v), cptr<F>(k), cptr<F>(w),
-                                                       states.data_ptr<float>(), decay.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  scan_chunks<false><<<dim3(N * N / kThreads, B * H), kThreads, 0, stream>>>(nc, states.data_ptr<float>(),
-      decay.data_ptr<float>(), s0.data_ptr<float>(), sT.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int B = r.size(0), T = r.size(1), H = r.size(2);
+  state_pass<F, false>(B, T, H, cptr<F>(v), cptr<F>(k), cptr<F>(w), states, decay, s0, sT);
   auto out = chunk_output<F>;
   wkv::allow_smem(out, sizeof(OutputSmem));
-  out<<<grid, kThreads, sizeof(OutputSmem), stream>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k), cptr<F>(v),
-      cptr<F>(u), states.data_ptr<float>(), mptr<F>(y), scores.data_ptr<float>());
+  out<<<chunk_grid(T, B * H), kThreads, sizeof(OutputSmem), c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r),
+      cptr<F>(w), cptr<F>(k), cptr<F>(v), cptr<F>(u), states.data_ptr<float>(), mptr<F>(y), scores.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -428,22 +436,15 @@ void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v
               torch::Tensor dsT, torch::Tensor states, torch::Tensor decay, torch::Tensor scores, torch::Tensor dstates,
               torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor du,
               torch::Tensor ds0) {
-  const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + C - 1) / C;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid = chunk_grid(T, B * H);
+  const int B = r.size(0), T = r.size(1), H = r.size(2);
   du.zero_();
   if (!kTimeDecay) dw.zero_();
-  chunk_outer<F, true><<<grid, kThreads, 0, stream>>>(T, H, cptr<F>(dy), cptr<F>(r), cptr<F>(w),
-                                                      dstates.data_ptr<float>(), nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  scan_chunks<true><<<dim3(N * N / kThreads, B * H), kThreads, 0, stream>>>(nc, dstates.data_ptr<float>(),
-      decay.data_ptr<float>(), dsT.data_ptr<float>(), ds0.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  state_pass<F, true>(B, T, H, cptr<F>(dy), cptr<F>(r), cptr<F>(w), dstates, decay, dsT, ds0);
   auto grads = chunk_grads<F>;
   wkv::allow_smem(grads, sizeof(GradSmem));
-  grads<<<grid, kThreads, sizeof(GradSmem), stream>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k), cptr<F>(v),
-      cptr<F>(u), cptr<F>(dy), states.data_ptr<float>(), scores.data_ptr<float>(), dstates.data_ptr<float>(),
-      mptr<F>(dr), kTimeDecay ? mptr<F>(dw) : nullptr, mptr<F>(dk), mptr<F>(dv), du.data_ptr<float>(),
+  grads<<<chunk_grid(T, B * H), kThreads, sizeof(GradSmem), c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r),
+      cptr<F>(w), cptr<F>(k), cptr<F>(v), cptr<F>(u), cptr<F>(dy), states.data_ptr<float>(), scores.data_ptr<float>(),
+      dstates.data_ptr<float>(), mptr<F>(dr), kTimeDecay ? mptr<F>(dw) : nullptr, mptr<F>(dk), mptr<F>(dv), du.data_ptr<float>(),
       kTimeDecay ? nullptr : dw.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -166,3 +166,21 @@ def test_wkv56_kernel_choice_and_limits(monkeypatch):
     assert "B*H = 65536" in one_line(err) and "kernel='sequential'" in str(err.value)
     cuda_wkv._wkv56(6, wide, wide, wide, wide, torch.zeros(wide.shape[2:]), None, 0, "sequential")
     assert picked[-1] == "sequential"
+
+
+@pytest.mark.parametrize("version", [5, 6])
+def test_wkv56_gradient_buffers(version):
+    """Both wkv5/6 backward Functions take their buffers from one helper: dw per token (wkv6) or fp32 per (b, h)
+    (wkv5), du fp32 per (b, h); the per-(b, h) sums come back summed over b in the parameter's dtype."""
+    from infctx.ops import cuda_wkv
+
+    r = torch.zeros(3, 5, 2, 64, dtype=torch.bfloat16)
+    w = r if version == 6 else torch.zeros(2, 64, dtype=torch.bfloat16)
+    dr, dw, dk, dv, du, ds0 = cuda_wkv._grads56(version, r, w)
+    assert all(t.shape == r.shape and t.dtype == r.dtype for t in (dr, dk, dv))
+    assert (dw.shape, dw.dtype) == ((r.shape, r.dtype) if version == 6 else ((3, 2, 64), torch.float32))
+    assert (du.shape, du.dtype, ds0.shape, ds0.dtype) == ((3, 2, 64), torch.float32, (3, 2, 64, 64), torch.float32)
+    u = torch.zeros(2, 64, dtype=torch.bfloat16)
+    dw, du = cuda_wkv._param_grads56(version, dw.fill_(1.0), du.fill_(2.0), w, u)
+    assert du.shape == (2, 64) and du.dtype == torch.bfloat16 and du.float().eq(6.0).all()
+    assert dw.shape == w.shape and dw.dtype == w.dtype and (version == 6 or dw.float().eq(3.0).all())

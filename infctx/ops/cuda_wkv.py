@@ -105,6 +105,20 @@ class _WKV7(torch.autograd.Function):
         return (*grads, ds0 if ctx.has_s0 else None, None)
 
 
+def _grads56(version: int, r: Tensor, w: Tensor) -> tuple[Tensor, ...]:
+    """The buffers both wkv5/6 backward kernels fill: dr, dw, dk, dv like the inputs (wkv5's dw: fp32 sums per
+    (b, h), [B,H,N]), du fp32 [B,H,N] per (b, h), ds0 fp32 [B,H,N,N]."""
+    B, _, H, N = r.shape
+    dr, dk, dv = (torch.empty_like(r) for _ in range(3))
+    dw = torch.empty_like(w) if version == 6 else torch.empty(B, H, N, device=r.device)
+    return dr, dw, dk, dv, torch.empty(B, H, N, device=r.device), torch.empty(B, H, N, N, device=r.device)
+
+
+def _param_grads56(version: int, dw: Tensor, du: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(b, h) sums of the per-head parameters' gradients (du; wkv5's dw) summed over b, in their dtype."""
+    return (dw.sum(0).to(w.dtype) if version == 5 else dw), du.sum(0).to(u.dtype)
+
+
 class _WKV56(torch.autograd.Function):
     """RWKV-5 (w [H,N]) and RWKV-6 (w [B,T,H,N]) share one Function; `version` picks the extension."""
 
@@ -123,18 +137,12 @@ class _WKV56(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dsT):
         r, w, k, v, u, ckpt = ctx.saved_tensors
-        B, T, H, N = r.shape
-        ext = load_extension(ctx.version, N, r.device)
-        dr, dk, dv = (torch.empty_like(r) for _ in range(3))
-        per_head = torch.empty(B, H, N, device=r.device)  # wkv5's dw: fp32 partial sums per (b, h)
-        dw = torch.empty_like(w) if ctx.version == 6 else per_head
-        du = torch.empty(B, H, N, device=r.device)
-        ds0 = torch.empty(B, H, N, N, device=r.device)
+        ext = load_extension(ctx.version, r.shape[3], r.device)
+        dr, dw, dk, dv, du, ds0 = _grads56(ctx.version, r, w)
         ext.backward(r, w, k, v, u, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt,
                      _no_scratch(r), dr, dw, dk, dv, du, ds0, ctx.rows)
-        if ctx.version == 5:
-            dw = dw.sum(0).to(w.dtype)
-        return None, dr, dw, dk, dv, du.sum(0).to(u.dtype), ds0 if ctx.has_s0 else None, None
+        dw, du = _param_grads56(ctx.version, dw, du, w, u)
+        return None, dr, dw, dk, dv, du, ds0 if ctx.has_s0 else None, None
 
 
 def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
@@ -174,17 +182,13 @@ class _WKV56Chunked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dsT):
         r, w, k, v, u, states, decay, scores = ctx.saved_tensors
-        B, T, H, N = r.shape
-        ext = load_extension(ctx.version, N, r.device)
-        dr, dk, dv = (torch.empty_like(r) for _ in range(3))
-        dw = torch.empty_like(w) if ctx.version == 6 else torch.empty(B, H, N, device=r.device)
-        du, ds0 = torch.empty(B, H, N, device=r.device), torch.empty(B, H, N, N, device=r.device)
+        ext = load_extension(ctx.version, r.shape[3], r.device)
+        dr, dw, dk, dv, du, ds0 = _grads56(ctx.version, r, w)
         dy, dsT = _aligned(_grad_in(dy, r, r.dtype)), _grad_in(dsT, ds0, torch.float32)
         ext.backward_chunked(r, w, k, v, u, dy, dsT, states, decay, scores, torch.empty_like(states),
                              dr, dw, dk, dv, du, ds0)
-        if ctx.version == 5:
-            dw = dw.sum(0).to(w.dtype)
-        return None, dr, dw, dk, dv, du.sum(0).to(u.dtype), ds0 if ctx.has_s0 else None
+        dw, du = _param_grads56(ctx.version, dw, du, w, u)
+        return None, dr, dw, dk, dv, du, ds0 if ctx.has_s0 else None
 
 
 def _wkv56(version: int, r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, s0: Tensor | None,
