@@ -17,18 +17,19 @@ import torch
 from infctx import ops
 
 C = 16  # tokens per chunk, as in the kernel
-MIN_LOG_DECAY = -60.0  # the kernel's floor of the per-token log-decay (kMinLogDecay)
+MIN_LOG_DECAY = -22.0  # the kernel's floor of the per-token log-decay (kMinLogDecay)
 
 
-def log_decay(w):
-    """The kernel's log-decay: -exp(w), floored (a decay below e^-60 acts as e^-60)."""
-    return (-w.exp()).clamp(min=MIN_LOG_DECAY)
+def log_decay(w, floor=MIN_LOG_DECAY):
+    """The kernel's log-decay: -exp(w), floored (a decay below e^-22 acts as e^-22). The float64 algebra tests pass
+    floor=-inf: the floor moves the op by up to e^-22 ~ 3e-10, above their 1e-10 tolerance."""
+    return (-w.exp()).clamp(min=floor)
 
 
-def decay_grad(dlw, w):
+def decay_grad(dlw, w, floor=MIN_LOG_DECAY):
     """dw from dlw: d(-exp(w))/dw = -exp(w) above the floor, 0 below it."""
     lw = -w.exp()
-    return torch.where(lw > MIN_LOG_DECAY, dlw * lw, torch.zeros_like(dlw))
+    return torch.where(lw > floor, dlw * lw, torch.zeros_like(dlw))
 
 
 def chunk_views(x, T):
@@ -124,14 +125,14 @@ def test_chunk_kernel_math_matches_autograd_of_the_oracle(T):
     y_ref, sT_ref = ops.wkv6_naive(*leaves)
     torch.autograd.backward([y_ref, sT_ref], [dy, dsT])
 
-    lw = log_decay(w)
+    lw = log_decay(w, floor=-torch.inf)
     y, sT, _ = kernel_forward(r, lw, k, v, u, s0)
     y = y.permute(0, 2, 3, 1, 4).reshape(B, -1, H, N)[:, :T]
     torch.testing.assert_close(y, y_ref.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(sT, sT_ref.detach(), rtol=1e-10, atol=1e-10)
 
     dr, dlw, dk, dv, du, ds0 = kernel_backward(r, lw, k, v, u, s0, dy, dsT)
-    dw = decay_grad(dlw, w)
+    dw = decay_grad(dlw, w, floor=-torch.inf)
     for name, got, leaf in zip("r w k v u s0".split(), (dr, dw, dk, dv, du, ds0), leaves):
         torch.testing.assert_close(got, leaf.grad, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"d{n}: {m}")
 
@@ -165,7 +166,7 @@ def test_floored_log_decay_keeps_fp32_exact_and_finite(big):
     """One near-zero decay per chunk (w = 8: log-decay -2981; w = 100: -exp(w) overflows fp32 to -inf) among slow
     ones (w = -7): without the floor the fp32 prefix sums lose ~1e-4 (w = 8, differences of two large sums) or give
     inf - inf = NaN (w = 100); with it, y and every gradient stay within 1e-5 of float64 autograd of the unfloored op
-    (what passes through such a token is scaled by <= e^-60 either way)."""
+    (what passes through such a token is scaled by <= e^-22 either way)."""
     g = torch.Generator().manual_seed(2)
     B, T, H, N = 1, 64, 2, 16
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale)  # noqa: E731
