@@ -10,6 +10,22 @@ void wkv7_backward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch
                         torch::Tensor b, torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa,
                         torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
                         torch::Tensor db, torch::Tensor ds0, int split);
+void wkv7_transfer_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
+                        torch::Tensor b, torch::Tensor u, torch::Tensor p, torch::Tensor q, int split);
+void wkv7_span_scan_cuda(torch::Tensor s0, torch::Tensor p, torch::Tensor u, torch::Tensor starts);
+void wkv7_span_scan_back_cuda(torch::Tensor dsT, torch::Tensor p, torch::Tensor q, torch::Tensor dy,
+                              torch::Tensor ends);
+
+// The span path's N x N per-span matrices are [B, ns, H, N, N]; its state (or state gradient) in/out [B, H, N, N].
+static void check_spans(const torch::Tensor& x0, std::initializer_list<torch::Tensor> mats) {
+  wkv::check_f32({x0});
+  wkv::check_f32(mats);
+  const auto& p = *mats.begin();
+  TORCH_CHECK(p.dim() == 5 && p.size(3) == WKV_N && p.size(4) == WKV_N, "wkv7 span: matrices must be [B,ns,H,N,N]");
+  TORCH_CHECK(x0.dim() == 4 && x0.size(0) == p.size(0) && x0.size(1) == p.size(2) && x0.size(2) == WKV_N &&
+              x0.size(3) == WKV_N, "wkv7 span: the state must be [B,H,N,N] matching the span matrices");
+  for (const auto& t : mats) TORCH_CHECK(t.sizes() == p.sizes(), "wkv7 span: every span matrix must be [B,ns,H,N,N]");
+}
 
 static void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                     torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
@@ -28,10 +44,39 @@ static void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::T
   wkv7_backward_cuda(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
 }
 
+// Transfer of every batch row (each one span): u = its own state from 0, p = its transition, q_t = P_{<=t} r_t.
+static void transfer(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
+                     torch::Tensor b, torch::Tensor u, torch::Tensor p, torch::Tensor q, int split) {
+  wkv::check_seq(r, {r, w, k, v, a, b}, WKV_N);
+  wkv::check_f32({u, p, q});
+  TORCH_CHECK(q.sizes() == r.sizes(), "wkv7 transfer: q must be fp32 shaped like r");
+  TORCH_CHECK(u.dim() == 4 && u.size(0) == r.size(0) && u.size(1) == r.size(2) && u.sizes() == p.sizes(),
+              "wkv7 transfer: u and p must be [B,H,N,N]");
+  wkv7_transfer_cuda(r, w, k, v, a, b, u, p, q, split);
+}
+
+static void span_scan(torch::Tensor s0, torch::Tensor p, torch::Tensor u, torch::Tensor starts) {
+  check_spans(s0, {p, u, starts});
+  wkv7_span_scan_cuda(s0, p, u, starts);
+}
+
+static void span_scan_back(torch::Tensor dsT, torch::Tensor p, torch::Tensor q, torch::Tensor dy,
+                           torch::Tensor ends) {
+  check_spans(dsT, {p, ends});
+  wkv::check_seq(dy, {dy}, WKV_N);
+  wkv::check_f32({q});
+  TORCH_CHECK(q.sizes() == dy.sizes() && q.size(0) == p.size(0) && q.size(2) == p.size(2) &&
+              q.size(1) % (p.size(1) * 64) == 0, "wkv7 span: q and dy must be [B, ns*L, H, N] with L % 64 == 0");
+  wkv7_span_scan_back_cuda(dsT, p, q, dy, ends);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "wkv7 forward: (r,w,k,v,a,b,s0) -> fills y, sT, end-of-chunk states, sa; split: "
         "threads per state index (0 auto)");
   m.def("backward", &backward, "wkv7 backward: fills every input gradient and ds0 from dy and dsT");
+  m.def("transfer", &transfer, "wkv7 span transfer: per batch row, own state u, transition p and q = P r (fp32)");
+  m.def("span_scan", &span_scan, "wkv7 span scan: state at every span start from s0, p, u");
+  m.def("span_scan_back", &span_scan_back, "wkv7 span scan back: state gradient at every span end from dsT");
   m.def("head_size", []() { return WKV_N; });
   m.def("chunk_len", []() { return wkv::CK; });
 }

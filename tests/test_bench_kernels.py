@@ -34,7 +34,8 @@ def test_run_saves_after_every_impl_and_fills_in_the_speedup(monkeypatch):
     monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.6.0")
     monkeypatch.setattr(bk, "make_inputs", lambda *a, **k: {})
-    monkeypatch.setattr(bk, "ours", lambda version, tiling=0, kernel="chunked": "ours" if kernel == "chunked" else "seq")
+    monkeypatch.setattr(bk, "ours", lambda version, tiling=0, kernel="chunked", span=None:
+                        "ours" if kernel == "chunked" and span is None else "seq")
     monkeypatch.setattr(bk, "fla", lambda version: "fla")
     monkeypatch.setattr(bk, "agreement", lambda version: 0.0)
     monkeypatch.setattr(bk, "measure", lambda fn, x, cfg: dict(ms_fwd=1.0, ms_fwd_bwd={"ours": 2.0, "seq": 6.0, "fla": 3.0}[fn],
@@ -42,11 +43,13 @@ def test_run_saves_after_every_impl_and_fills_in_the_speedup(monkeypatch):
     saved = []
     res = bk.run(bk.BenchConfig(versions=(7, 6), shapes=((1, 64, 2), (2, 64, 2))),
                  lambda r: saved.append([(x["impl"], x.get("speedup_vs_fla")) for x in r["rows"]]))
-    # one save per impl (wkv6 adds the sequential kernel) + one per version for the agreement
-    assert [len(s) for s in saved] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10, 10]
+    # one save per impl (both add the sequential kernels: wkv7 without spans, wkv6 unchunked) + one per version
+    # for the agreement
+    assert [len(s) for s in saved] == [1, 2, 3, 4, 5, 6, 6, 7, 8, 9, 10, 11, 12, 12]
     assert saved[0] == [("ours", None)] and saved[1] == [("ours", 1.5), ("fla", None)]
-    assert saved[7][4:] == [("ours", 1.5), ("fla", None), ("ours-seq", 0.5)]  # wkv6, first shape
+    assert saved[2] == [("ours", 1.5), ("fla", None), ("ours-seq", 0.5)]  # wkv7, first shape
+    assert saved[9][6:] == [("ours", 1.5), ("fla", None), ("ours-seq", 0.5)]  # wkv6, first shape
     assert [(r["version"], r["B"], r["impl"]) for r in res["rows"]] == [
-        (7, B, impl) for B in (1, 2) for impl in ("ours", "fla")] + [
+        (7, B, impl) for B in (1, 2) for impl in ("ours", "fla", "ours-seq")] + [
         (6, B, impl) for B in (1, 2) for impl in ("ours", "fla", "ours-seq")]
     assert res["y_agreement_vs_fla"] == {"wkv7": 0.0, "wkv6": 0.0}

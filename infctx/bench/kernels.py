@@ -56,18 +56,22 @@ def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0) -> 
     return out
 
 
+SPAN_SWEEP = (128, 256, 512, 1024)  # wkv7 span lengths timed by --sweep
 SWEEP = {7: ("s", "split", (2, 4, 8)), 6: ("r", "rows_per_block", (8, 16, 64)), 5: ("r", "rows_per_block", (8, 16, 64))}
 
 
-def ours(version: int, tiling: int = 0, kernel: str = "chunked") -> Callable:
+def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | None = None) -> Callable:
     """Our kernel; tiling != 0 forces the tuning knob (wkv7: threads per state row, wkv5/6: rows per block of
-    the sequential kernel); `kernel` picks wkv5/6's chunk-parallel or sequential kernel."""
+    the sequential kernel); `kernel` picks wkv5/6's chunk-parallel or sequential kernel, `span` wkv7's span
+    length (None: auto, 0: the sequential kernels over the whole T)."""
     from infctx import ops
 
     op = ops.get_wkv(version, "cuda")
     knobs = {SWEEP[version][1]: tiling}
     if version != 7:
         knobs["kernel"] = "sequential" if tiling else kernel
+    else:
+        knobs["span"] = span
     return lambda x: op(*x.values(), **knobs)
 
 
@@ -191,6 +195,10 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
         variants = dict(impls)
         if version != 7:  # the sequential wkv5/6 kernel beside the chunked default, in the same run
             variants["ours-seq"] = functools.partial(ours, kernel="sequential")
+        else:  # wkv7 without the span path, and (sweep) with each span length
+            variants["ours-seq"] = functools.partial(ours, span=0)
+            if cfg.sweep:
+                variants.update({f"ours-L{n}": functools.partial(ours, span=n) for n in SPAN_SWEEP})
         if cfg.sweep:
             tag, _, values = SWEEP[version]
             variants.update({f"ours-{tag}{n}": functools.partial(ours, tiling=n) for n in values})

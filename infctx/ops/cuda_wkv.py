@@ -145,12 +145,81 @@ class _WKV56(torch.autograd.Function):
         return None, dr, dw, dk, dv, du, ds0 if ctx.has_s0 else None, None
 
 
+class _WKV7Spans(torch.autograd.Function):
+    """RWKV-7 over spans of `span` tokens, all at once: every span is one batch row of the ordinary kernels (a
+    view, no copy). Spans are tied together by N x N matrices only: the transfer pass gives each span's own state
+    U_c and transition P_c (S_end = S_start P_c + U_c) and q_t = P_{<=t} r_t; a scan gives the state at every span
+    start; then the ordinary forward runs every span from its start state. The backward runs the gradient at span
+    ends back through P_c^T and sum_t dy_t q_t^T, then the ordinary backward runs every span at once. The math is
+    tests/test_wkv7_span_math.py."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, s0, split, span):
+        B, T, H, N = r.shape
+        ns = T // span
+        ext = load_extension(7, N, r.device)
+        seq = [x.view(B * ns, span, H, N) for x in (r, w, k, v, a, b)]
+        own, trans = (torch.empty(B, ns, H, N, N, device=r.device) for _ in range(2))
+        q = torch.empty(B, T, H, N, device=r.device)
+        ext.transfer(*seq, own.view(B * ns, H, N, N), trans.view(B * ns, H, N, N), q.view(B * ns, span, H, N), split)
+        starts = torch.empty_like(own)
+        ext.span_scan(_state_in(s0, r), trans, own, starts)
+        del own
+        y, ends = torch.empty_like(r), torch.empty(B, ns, H, N, N, device=r.device)
+        ckpt = torch.empty(B * ns, H, _chunks(ext, seq[0]), N, N, device=r.device)
+        sa = torch.empty(B, T, H, N, device=r.device)
+        ext.forward(*seq, starts.view(B * ns, H, N, N), y.view(B * ns, span, H, N), ends.view(B * ns, H, N, N),
+                    ckpt, sa.view(B * ns, span, H, N), split)
+        ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa, trans, q)
+        ctx.has_s0, ctx.split, ctx.span = s0 is not None, split, span
+        return y, ends[:, -1].contiguous()
+
+    @staticmethod
+    def backward(ctx, dy, dsT):
+        r, w, k, v, a, b, ckpt, sa, trans, q = ctx.saved_tensors
+        B, T, H, N = r.shape
+        span = ctx.span
+        ns = T // span
+        ext = load_extension(7, N, r.device)
+        dy = _grad_in(dy, r, r.dtype)
+        ends = torch.empty(B, ns, H, N, N, device=r.device)
+        ext.span_scan_back(_grad_in(dsT, ends[:, 0], torch.float32), trans, q, dy, ends)
+        grads = [torch.empty_like(r) for _ in range(6)]
+        ds0 = torch.empty(B, ns, H, N, N, device=r.device)
+        view = lambda x: x.view(B * ns, span, H, N)  # noqa: E731
+        ext.backward(*map(view, (r, w, k, v, a, b, dy)), ends.view(B * ns, H, N, N), ckpt, view(sa),
+                     *map(view, grads), ds0.view(B * ns, H, N, N), ctx.split)
+        return (*grads, ds0[:, 0].contiguous() if ctx.has_s0 else None, None, None)
+
+
+SPAN_MIN_BH = 128  # B*H at which one block per head already fills the GPU: no span path (auto)
+SPAN_TARGET_ROWS = 1024  # span rows (B*H*spans) the auto rule aims for
+SPAN_LENGTHS = (1024, 512, 256, 128, 64)  # span lengths the auto rule picks from, longest first
+
+
+def auto_span(B: int, T: int, H: int) -> int:
+    """Tokens per span for span=None, when B*H < SPAN_MIN_BH: the longest of SPAN_LENGTHS that divides T (into
+    >= 2 spans) and gives >= SPAN_TARGET_ROWS span rows, else the shortest that divides T; 0 (the sequential
+    kernels over the whole T) when B*H >= SPAN_MIN_BH or none divides T."""
+    if B * H >= SPAN_MIN_BH:
+        return 0
+    fits = [L for L in SPAN_LENGTHS if T % L == 0 and T > L]
+    return next((L for L in fits if B * H * (T // L) >= SPAN_TARGET_ROWS), fits[-1] if fits else 0)
+
+
 def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-              s0: Tensor | None = None, *, split: int = 0) -> tuple[Tensor, Tensor]:
+              s0: Tensor | None = None, *, split: int = 0, span: int | None = None) -> tuple[Tensor, Tensor]:
     """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math. `split` = threads that share one
     state row/column (0 = the measured default: 2 for N=64, 4 for N=128; else 2, 4 or 8): a tuning knob, every
-    value gives the same result."""
+    value gives the same result. `span` = tokens per span of the span path for long T with few heads (None: the
+    rule of `auto_span`; 0: off; else a multiple of 64 that divides T)."""
     validate_inputs(7, dict(r=r, w=w, k=k, v=v, a=a, b=b), {}, s0)
+    B, T, H, _ = r.shape
+    span = auto_span(B, T, H) if span is None else span
+    if span < 0 or span % 64 or (span and T % span):
+        raise ValueError(f"wkv7 cuda: span={span} must be 0 (off) or a multiple of 64 that divides T={T}")
+    if span:
+        return _WKV7Spans.apply(r, *_like_r(r, w, k, v, a, b), s0, split, span)
     return _WKV7.apply(r, *_like_r(r, w, k, v, a, b), s0, split)
 
 

@@ -192,6 +192,57 @@ def test_chained_segments_equal_one_call(version):
     assert all(e <= (1e-6 if name in ("y", "sT") else grad_tol) for name, e in errors.items()), errors
 
 
+SPAN_SHAPES = [(1, 256, 2, 64), (2, 192, 3, 64), (2, 128, 2, 128), (1, 1024, 8, 64)]  # B, T, H, span
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SPAN_SHAPES, ids=lambda s: "B{}T{}H{}L{}".format(*s))
+def test_wkv7_span_path(shape, dtype):
+    """wkv7's span path (T cut into spans that run as batch rows, tied by N x N transfers; math in
+    tests/test_wkv7_span_math.py): span rows B*H*T/span < 32 and >= 128 switch its forward grouping; one span too."""
+    B, T, H, span = shape
+    check_against_reference(7, B, T, H, 64, dtype, knob={"span": span})
+
+
+@pytest.mark.parametrize("split", [0, 8])
+def test_wkv7_span_path_head_size_128(split):
+    check_against_reference(7, 1, 256, 2, 128, torch.float32, knob={"span": 64, "split": split})
+    check_against_reference(7, 2, 128, 1, 128, torch.bfloat16, knob={"span": 64, "split": split})
+
+
+@pytest.mark.parametrize("span", [64, 1024])
+def test_wkv7_span_path_long_sequence_no_drift(span):
+    """T = 16384 in bf16 on the span path: 256 (or 16) spans tied by the scan."""
+    check_against_reference(7, 1, 16384, 1, 64, torch.bfloat16, seed=3, knob={"span": span})
+
+
+def test_wkv7_span_path_chained_and_auto():
+    """Segments of 128/256 tokens on the span path, state carried, equal one sequential call; the auto rule takes
+    the span path for few heads and long T."""
+    from infctx.ops import cuda_wkv
+
+    assert cuda_wkv.auto_span(1, 16384, 32) == 512 and cuda_wkv.auto_span(4, 4096, 32) == 0
+    B, H, N, cuts = 1, 2, 64, [0, 128, 384, 512]
+    inputs = make_inputs(7, B, cuts[-1], H, N, torch.float32, seed=9)
+    g = torch.Generator(device="cuda").manual_seed(10)
+    gy = torch.randn(B, cuts[-1], H, N, generator=g, device="cuda")
+    gs = torch.randn(B, H, N, N, generator=g, device="cuda")
+    op = ops.get_wkv(7, "cuda")
+    whole = run(lambda *xs: op(*xs, span=0), inputs, gy, gs)
+
+    def chained(*xs):
+        *seq, s = xs
+        ys = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            y, s = op(*(t[:, lo:hi].contiguous() for t in seq), s, span=64)
+            ys.append(y)
+        return torch.cat(ys, dim=1), s
+
+    parts = run(chained, inputs, gy, gs)
+    errors = {name: rel_rms(parts[name], whole[name]) for name in whole}
+    assert all(e <= 1e-5 for e in errors.values()), errors
+
+
 def test_bad_inputs_give_one_clear_line():
     inputs = make_inputs(7, 1, 8, 2, 64, torch.float32, seed=0)
     op = ops.get_wkv(7, "cuda")
@@ -202,6 +253,8 @@ def test_bad_inputs_give_one_clear_line():
         op(*[t.half() for t in args[:6]], args[6])
     with pytest.raises(ValueError, match="head size 32"):
         op(*[t[..., :32].contiguous() for t in args[:6]], None)
+    with pytest.raises(ValueError, match="span=100 must be 0"):
+        op(*args, span=100)
 
 
 def test_auto_picks_cuda_on_gpu():

@@ -1,0 +1,100 @@
+"""The span decomposition behind the CUDA wkv7 path for long sequences with few heads (cuda_wkv._WKV7Spans),
+mirrored step by step in float64 with the per-token oracle `wkv7_naive` standing in for the CUDA kernels, and
+checked against autograd of the oracle over the whole sequence.
+
+The sequence is cut into spans of L tokens, and every span becomes one batch row of the ordinary kernels:
+- transfer: from S = 0 the span gives its own state U_c; from S = I with v = 0, its transition P_c (S_end =
+  S_start P_c + U_c) and q_t = P_{<=t} r_t, so that y_t = S_start q_t + (the U-run's y_t);
+- scan: S_{c+1} = S_c P_c + U_c, span by span (only N x N matrix products, no per-token work);
+- the ordinary forward on every span at once, from its S_c;
+- backward: the gradient at span starts runs back as G_c = G_{c+1} P_c^T + sum_t dy_t q_t^T (G_ns = dsT), and the
+  ordinary backward runs on every span at once with G_{c+1} as its incoming state gradient.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infctx import ops
+
+
+def spans(x, L):
+    """[B,T,H,...] -> [B*ns, L, H, ...]: every span a batch row (a view, as in the CUDA path)."""
+    return x.reshape(x.shape[0] * (x.shape[1] // L), L, *x.shape[2:])
+
+
+def span_forward(r, w, k, v, a, b, s0, L):
+    B, T, H, N = r.shape
+    ns = T // L
+    seq = [spans(x, L) for x in (r, w, k, v, a, b)]
+    _, U = ops.wkv7_naive(*seq, torch.zeros(B * ns, H, N, N, dtype=r.dtype))
+    eye = torch.eye(N, dtype=r.dtype).expand(B * ns, H, N, N)
+    q, P = ops.wkv7_naive(*seq[:3], torch.zeros_like(seq[3]), *seq[4:], eye)
+    U, P = U.view(B, ns, H, N, N), P.view(B, ns, H, N, N)
+    S, starts = s0, []
+    for c in range(ns):
+        starts.append(S)
+        S = S @ P[:, c] + U[:, c]
+    starts = torch.stack(starts, dim=1)
+    y, ends = ops.wkv7_naive(*seq, starts.reshape(B * ns, H, N, N))
+    return y.reshape(B, T, H, N), ends.view(B, ns, H, N, N), S, starts, P, q.reshape(B, T, H, N)
+
+
+def span_backward(r, w, k, v, a, b, s0, dy, dsT, L):
+    B, T, H, N = r.shape
+    ns = T // L
+    *_, starts, P, q = span_forward(r, w, k, v, a, b, s0, L)
+    Vc = torch.einsum("bcthi,bcthj->bchij", dy.view(B, ns, L, H, N), q.view(B, ns, L, H, N))
+    G, ends = dsT, [None] * ns
+    for c in reversed(range(ns)):
+        ends[c] = G
+        G = G @ P[:, c].mT + Vc[:, c]
+    leaves = [spans(x, L).clone().requires_grad_() for x in (r, w, k, v, a, b)]
+    start = starts.reshape(B * ns, H, N, N).clone().requires_grad_()
+    y, sT = ops.wkv7_naive(*leaves, start)
+    torch.autograd.backward([y, sT], [spans(dy, L), torch.stack(ends, dim=1).reshape(B * ns, H, N, N)])
+    grads = [x.grad.reshape(B, T, H, N) for x in leaves]
+    return grads, start.grad.view(B, ns, H, N, N)[:, 0], G
+
+
+def inputs(B, T, H, N, seed):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    kappa = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
+    return dict(r=rnd(B, T, H, N, scale=0.5), w=rnd(B, T, H, N) - 0.5, k=rnd(B, T, H, N, scale=0.5),
+                v=rnd(B, T, H, N), a=-kappa, b=kappa * torch.sigmoid(rnd(B, T, H, N)), s0=rnd(B, H, N, N, scale=0.3))
+
+
+@pytest.mark.parametrize("B,T,H,L", [(1, 48, 2, 16), (2, 64, 1, 32), (2, 40, 2, 40)])
+def test_span_decomposition_matches_autograd_of_the_oracle(B, T, H, L):
+    x = inputs(B, T, H, 8, seed=T + L)
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(B, T, H, 8, generator=g, dtype=torch.float64)
+    dsT = torch.randn(B, H, 8, 8, generator=g, dtype=torch.float64)
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    y_ref, sT_ref = ops.wkv7_naive(*leaves.values())
+    torch.autograd.backward([y_ref, sT_ref], [dy, dsT])
+
+    y, ends, S, *_ = span_forward(*x.values(), L)
+    torch.testing.assert_close(y, y_ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ends[:, -1], sT_ref.detach(), rtol=1e-10, atol=1e-10)  # the last span's end
+    torch.testing.assert_close(S, sT_ref.detach(), rtol=1e-10, atol=1e-10)           # and the scan's
+
+    grads, ds0, G0 = span_backward(*x.values(), dy, dsT, L)
+    for name, got in zip("rwkvab", grads):
+        torch.testing.assert_close(got, leaves[name].grad, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"d{n}: {m}")
+    torch.testing.assert_close(ds0, leaves["s0"].grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(G0, leaves["s0"].grad, rtol=1e-9, atol=1e-9)  # the reverse scan's own ds0
+
+
+def test_auto_span_rule():
+    """Few heads and long T take the span path with the longest span that still gives ~1024 span rows; B*H >= 128
+    or a T no span length divides stays on the sequential kernels."""
+    from infctx.ops.cuda_wkv import auto_span
+
+    assert auto_span(1, 16384, 32) == 512      # 32 spans x 32 heads
+    assert auto_span(8, 4096, 12) == 256       # 16 x 96
+    assert auto_span(1, 16384, 1) == 64        # too few rows at any length: the shortest, 256 spans
+    assert auto_span(4, 4096, 32) == 0         # B*H = 128
+    assert auto_span(1, 100, 4) == 0 and auto_span(1, 64, 4) == 0  # nothing divides T into >= 2 spans
