@@ -14,6 +14,12 @@
 // CK steps. One block per head; thread group i holds column i of S and both row i and column i of dS, so that every
 // gradient is a local dot product with a shared vector: dr, dk, db, dw, da are column sums, dv and dsa row sums.
 // The one per-token exchange is dsa (needed by da and by dS's column update) through shared memory.
+//
+// Span path (long T, few heads; cuda_wkv._WKV7Spans, math in tests/test_wkv7_span_math.py): the sequence is cut
+// into spans that run as the batch rows of these same kernels. A span's effect on the state is affine,
+// S_end = S_start P + U; fwd_kernel's kOwn and kTransition roles give U and P (and q_t = P_{<=t} r_t), a scan over
+// spans gives every span's start state (span_scan_kernel), and the ordinary forward and backward run every span
+// at once. In the backward the state gradient at span ends runs back through P^T plus sum_t dy_t q_t^T.
 #include "wkv_common.cuh"
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
@@ -97,29 +103,29 @@ struct NextChunk {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward: grid B*H*G blocks of R*P threads (R = N/G value rows per block).
-// kTransfer (the span path's first pass, every batch row one span): 2*G blocks per head; the first G run the rows
-// of U (from S = 0, the span's own state, written to sT), the other G the rows of P (from S = I with v = 0, the
-// span's transition, written to p_out) and write their y, q_t = P_{<=t} r_t, in fp32 to q_out. No checkpoints.
-template <typename F, int N, int G, int P, bool kTransfer = false>
+// The span path's first pass (every batch row one span) runs the same recurrence in two more roles, and writes no
+// checkpoints: kOwn from S = 0 (the span's own state U, to sT; no y), kTransition from S = I with v = 0 (the span's
+// transition P, to sT, and its y, q_t = P_{<=t} r_t, in fp32 to q_out).
+enum Role { kOrdinary, kOwn, kTransition };
+
+template <typename F, int N, int G, int P, Role kRole = kOrdinary>
 __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* __restrict__ r,
     const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
     const F* __restrict__ b, const float* __restrict__ s0, F* __restrict__ y, float* __restrict__ sT,
-    float* __restrict__ ckpt, float* __restrict__ sa_out, float* __restrict__ q_out = nullptr,
-    float* __restrict__ p_out = nullptr) {
+    float* __restrict__ ckpt, float* __restrict__ sa_out, float* __restrict__ q_out = nullptr) {
   using Lay = Sliced<N, P>;
-  constexpr int R = N / G, M = Lay::M, VS = Lay::kStride, kThreads = R * P, kRoles = kTransfer ? 2 : 1;
+  constexpr int R = N / G, M = Lay::M, VS = Lay::kStride, kThreads = R * P;
   extern __shared__ __align__(16) float smem[];
   float *sr = smem, *sd = sr + CK * VS, *sk = sd + CK * VS, *sa = sk + CK * VS, *sb = sa + CK * VS;
   float (*sv)[R] = reinterpret_cast<float (*)[R]>(sb + CK * VS);
   float (*sy)[R] = sv + CK, (*ssa)[R] = sy + CK;
-  const int bh = blockIdx.x / (G * kRoles), role = blockIdx.x % (G * kRoles), g = role % G, bb = bh / H, h = bh % H;
-  const bool prow = kTransfer && role >= G;  // a row of P (transfer only)
+  const int bh = blockIdx.x / G, g = blockIdx.x % G, bb = bh / H, h = bh % H;
   const int il = threadIdx.x / P, p = threadIdx.x % P, i = g * R + il;
   const int nc = (T + CK - 1) / CK;
   float S[M];
-  if constexpr (kTransfer) {
+  if constexpr (kRole != kOrdinary) {
 #pragma unroll
-    for (int q = 0; q < M; ++q) S[q] = prow && p * M + q == i ? 1.f : 0.f;
+    for (int q = 0; q < M; ++q) S[q] = kRole == kTransition && p * M + q == i ? 1.f : 0.f;
   } else {
     const float* row = s0 + (int64_t(bh) * N + i) * N + p * M;
 #pragma unroll
@@ -139,7 +145,7 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
     __syncthreads();
     if (c + 1 < nc) prefetch(t0 + CK);
     for (int l = 0; l < L; ++l) {
-      const float sai = group_sum<P>(dot_slice<M>(S, sa + l * VS + off)), vi = prow ? 0.f : sv[l][il];
+      const float sai = group_sum<P>(dot_slice<M>(S, sa + l * VS + off)), vi = sv[l][il];
       float y4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int q = 0; q < M; q += 4) {
@@ -147,10 +153,14 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
         const float4 k4 = ld4(sk + l * VS + off + q), r4 = ld4(sr + l * VS + off + q);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          S[q + u] = S[q + u] * at4(d4, u) + (sai * at4(b4, u) + vi * at4(k4, u));
-          y4[u] += S[q + u] * at4(r4, u);
+          if constexpr (kRole == kTransition)
+            S[q + u] = S[q + u] * at4(d4, u) + sai * at4(b4, u);
+          else
+            S[q + u] = S[q + u] * at4(d4, u) + (sai * at4(b4, u) + vi * at4(k4, u));
+          if constexpr (kRole != kOwn) y4[u] += S[q + u] * at4(r4, u);
         }
       }
+      if constexpr (kRole == kOwn) continue;
       const float yi = group_sum<P>((y4[0] + y4[1]) + (y4[2] + y4[3]));
       if (p == 0) {
         sy[l][il] = yi;
@@ -158,19 +168,19 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
       }
     }
     float* cp = ckpt + ((int64_t(bh) * nc + c) * N + i) * N + p * M;
-    float* st = (prow ? p_out : sT) + (int64_t(bh) * N + i) * N + p * M;
+    float* st = sT + (int64_t(bh) * N + i) * N + p * M;
 #pragma unroll
     for (int q = 0; q < M; q += 4) {
       const float4 x = make_float4(S[q], S[q + 1], S[q + 2], S[q + 3]);
-      if constexpr (!kTransfer) *reinterpret_cast<float4*>(cp + q) = x;
+      if constexpr (kRole == kOrdinary) *reinterpret_cast<float4*>(cp + q) = x;
       if (c == nc - 1) *reinterpret_cast<float4*>(st + q) = x;
     }
+    if constexpr (kRole == kOwn) continue;
     __syncthreads();  // y and sa of the chunk are staged
-    if (kTransfer && !prow) continue;
     for (int e = threadIdx.x; e < L * R; e += kThreads) {
       const int l = e / R, x = e % R;
       const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + g * R + x;
-      if constexpr (kTransfer) {
+      if constexpr (kRole == kTransition) {
         q_out[o] = sy[l][x];
       } else {
         y[o] = wkv::from_f<F>(sy[l][x]);
@@ -309,70 +319,83 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
 
 // ---------------------------------------------------------------------------------------------------------------
 // Span scan (the span path, see the header): the state at span starts, X_{c+1} = X_c P_c + U_c (c ascending,
-// out[c] = X_c), or its gradient, X_c = X_{c+1} P_c^T + sum_{t in c} dy_t q_t^T (c descending, out[c] = X_{c+1}).
-// Rows of X are independent, so a block owns kScanRows of them for one head: grid B*H*(N/kScanRows). Thread
-// (it, j) computes column j of rows it*RPT .. it*RPT + RPT-1; P_c (padded rows: both P[k][j] and P[j][k] walks
-// are conflict-free), X and (backward) a piece of dy and q sit in shared memory.
+// out[c] = X_c), or its gradient, X_c = X_{c+1} P_c^T + V_c (c descending, out[c] = X_{c+1}), where
+// V_c = sum_{t in c} dy_t q_t^T comes from span_outer_kernel, every span at once. Rows of X are independent, so a
+// block owns kScanRows of them for one head. Thread (it, j) computes column j of rows it*RPT .. it*RPT + RPT-1;
+// P_c (padded rows: both the P[k][j] and the P[j][k] walk are conflict-free) and X sit in shared memory.
 constexpr int kScanRows = 16, kScanThreads = 256, kScanPiece = 64;
 
 template <int N>
-constexpr size_t scan_smem() {
-  return sizeof(float) * (N * (N + 1) + kScanRows * N + kScanPiece * (N + kScanRows));
-}
+struct ScanTile {
+  static constexpr int JT = kScanThreads / N, RPT = kScanRows / JT;
+  static_assert(kScanThreads % N == 0 && kScanRows % JT == 0, "scan tile must split evenly");
+  static constexpr size_t kScanSmem = sizeof(float) * (N * (N + 1) + kScanRows * N);
+  static constexpr size_t kOuterSmem = sizeof(float) * kScanPiece * (N + kScanRows);
+};
 
-template <typename F, int N, bool kBack>
-__global__ void __launch_bounds__(kScanThreads) span_scan_kernel(int ns, int L, int H,
-    const float* __restrict__ x0, const float* __restrict__ pm, const float* __restrict__ u,
-    const float* __restrict__ q, const F* __restrict__ dy, float* __restrict__ out) {
-  constexpr int R = kScanRows, JT = kScanThreads / N, RPT = R / JT;
-  static_assert(kScanThreads % N == 0 && R % JT == 0, "scan tile must split evenly");
+template <int N, bool kBack>
+__global__ void __launch_bounds__(kScanThreads) span_scan_kernel(int ns, int H, const float* __restrict__ x0,
+    const float* __restrict__ pm, const float* __restrict__ u, float* __restrict__ out) {
+  constexpr int R = kScanRows, RPT = ScanTile<N>::RPT;
   extern __shared__ __align__(16) float smem[];
   float (*Ps)[N + 1] = reinterpret_cast<float (*)[N + 1]>(smem);
   float (*X)[N] = reinterpret_cast<float (*)[N]>(smem + N * (N + 1));
-  float (*sq)[N] = X + R;
-  float (*sdy)[R] = reinterpret_cast<float (*)[R]>(sq + kScanPiece);
   const int groups = N / R, bh = blockIdx.x / groups, i0 = (blockIdx.x % groups) * R, bb = bh / H, h = bh % H;
-  const int j = threadIdx.x % N, it = threadIdx.x / N;
+  const int j = threadIdx.x % N, r0 = threadIdx.x / N * RPT;
 #pragma unroll
-  for (int rr = 0; rr < RPT; ++rr) X[it * RPT + rr][j] = x0[(int64_t(bh) * N + i0 + it * RPT + rr) * N + j];
+  for (int rr = 0; rr < RPT; ++rr) X[r0 + rr][j] = x0[(int64_t(bh) * N + i0 + r0 + rr) * N + j];
   for (int step = 0; step < ns; ++step) {
     const int c = kBack ? ns - 1 - step : step;
-    const int64_t vb = int64_t(bb) * ns + c;                   // the span's batch row
-    const int64_t mat = (vb * H + h) * N * N;                  // its N x N matrices in P, U and out
+    const int64_t mat = ((int64_t(bb) * ns + c) * H + h) * N * N;  // span c's N x N matrices in P, U and out
     float acc[RPT];
     __syncthreads();  // X is complete
 #pragma unroll
     for (int rr = 0; rr < RPT; ++rr) {
-      const int il = it * RPT + rr;
-      out[mat + int64_t(i0 + il) * N + j] = X[il][j];
-      acc[rr] = kBack ? 0.f : u[mat + int64_t(i0 + il) * N + j];
+      const int64_t e = mat + int64_t(i0 + r0 + rr) * N + j;
+      out[e] = X[r0 + rr][j];
+      acc[rr] = u[e];
     }
     for (int e = threadIdx.x; e < N * N; e += kScanThreads) Ps[e / N][e % N] = pm[mat + e];
     __syncthreads();
     for (int kk = 0; kk < N; ++kk) {
       const float pk = kBack ? Ps[j][kk] : Ps[kk][j];
 #pragma unroll
-      for (int rr = 0; rr < RPT; ++rr) acc[rr] += X[it * RPT + rr][kk] * pk;
-    }
-    if constexpr (kBack) {
-      for (int t0 = 0; t0 < L; t0 += kScanPiece) {
-        __syncthreads();  // the previous piece is used
-        for (int e = threadIdx.x; e < kScanPiece * N; e += kScanThreads)
-          sq[e / N][e % N] = q[wkv::seq_off(vb, t0 + e / N, h, L, H, N) + e % N];
-        for (int e = threadIdx.x; e < kScanPiece * R; e += kScanThreads)
-          sdy[e / R][e % R] = wkv::to_f(dy[wkv::seq_off(vb, t0 + e / R, h, L, H, N) + i0 + e % R]);
-        __syncthreads();
-        for (int t = 0; t < kScanPiece; ++t) {
-          const float qj = sq[t][j];
-#pragma unroll
-          for (int rr = 0; rr < RPT; ++rr) acc[rr] += sdy[t][it * RPT + rr] * qj;
-        }
-      }
+      for (int rr = 0; rr < RPT; ++rr) acc[rr] += X[r0 + rr][kk] * pk;
     }
     __syncthreads();  // every read of X is done
 #pragma unroll
-    for (int rr = 0; rr < RPT; ++rr) X[it * RPT + rr][j] = acc[rr];
+    for (int rr = 0; rr < RPT; ++rr) X[r0 + rr][j] = acc[rr];
   }
+}
+
+// V_c = sum_{t in span} dy_t q_t^T for every (span, head, kScanRows rows) block at once; dy, q are [B*ns, L, H, N]
+// (every span a batch row), V is [B*ns, H, N, N]. Pieces of kScanPiece tokens of q and of the block's dy rows are
+// staged in shared memory.
+template <typename F, int N>
+__global__ void __launch_bounds__(kScanThreads) span_outer_kernel(int L, int H, const float* __restrict__ q,
+    const F* __restrict__ dy, float* __restrict__ out) {
+  constexpr int R = kScanRows, RPT = ScanTile<N>::RPT;
+  extern __shared__ __align__(16) float smem[];
+  float (*sq)[N] = reinterpret_cast<float (*)[N]>(smem);
+  float (*sdy)[R] = reinterpret_cast<float (*)[R]>(smem + kScanPiece * N);
+  const int groups = N / R, bh = blockIdx.x / groups, i0 = (blockIdx.x % groups) * R, vb = bh / H, h = bh % H;
+  const int j = threadIdx.x % N, r0 = threadIdx.x / N * RPT;
+  float acc[RPT] = {};
+  for (int t0 = 0; t0 < L; t0 += kScanPiece) {
+    __syncthreads();  // the previous piece is used
+    for (int e = threadIdx.x; e < kScanPiece * N; e += kScanThreads)
+      sq[e / N][e % N] = q[wkv::seq_off(vb, t0 + e / N, h, L, H, N) + e % N];
+    for (int e = threadIdx.x; e < kScanPiece * R; e += kScanThreads)
+      sdy[e / R][e % R] = wkv::to_f(dy[wkv::seq_off(vb, t0 + e / R, h, L, H, N) + i0 + e % R]);
+    __syncthreads();
+    for (int t = 0; t < kScanPiece; ++t) {
+      const float qj = sq[t][j];
+#pragma unroll
+      for (int rr = 0; rr < RPT; ++rr) acc[rr] += sdy[t][r0 + rr] * qj;
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < RPT; ++rr) out[(int64_t(bh) * N + i0 + r0 + rr) * N + j] = acc[rr];
 }
 
 // Host side.
@@ -405,73 +428,65 @@ void with_groups(int BH, Fn&& f) {
   else f(Const<WKV_N / 16>{});
 }
 
-// Where a forward launch writes: the ordinary forward fills y, sT, ckpt and sa from s0; the transfer pass fills
-// sT (U), p and q, and reads none of the others.
+// Where a forward launch writes: the ordinary role fills y, sT, ckpt and sa from s0; kOwn fills sT; kTransition
+// fills sT and q.
 struct FwdOut {
   const float* s0 = nullptr;
   void* y = nullptr;
-  float *sT = nullptr, *ckpt = nullptr, *sa = nullptr, *q = nullptr, *p = nullptr;
+  float *sT = nullptr, *ckpt = nullptr, *sa = nullptr, *q = nullptr;
 };
 
-template <typename F, int G, int P, bool kTransfer>
+template <typename F, int G, int P, Role kRole>
 void fwd_launch(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
                 const FwdOut& o) {
   const int B = r.size(0), T = r.size(1), H = r.size(2);
   constexpr int N = WKV_N, R = N / G;
   const size_t smem = size_t(CK) * (5 * Sliced<N, P>::kStride + 3 * R) * sizeof(float);
-  auto kern = fwd_kernel<F, N, G, P, kTransfer>;
+  auto kern = fwd_kernel<F, N, G, P, kRole>;
   wkv::allow_smem(kern, smem);
-  kern<<<B * H * G * (kTransfer ? 2 : 1), R * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r),
-      cptr<F>(w), cptr<F>(k), cptr<F>(v), cptr<F>(a), cptr<F>(b), o.s0, static_cast<F*>(o.y), o.sT, o.ckpt, o.sa,
-      o.q, o.p);
+  kern<<<B * H * G, R * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k),
+      cptr<F>(v), cptr<F>(a), cptr<F>(b), o.s0, static_cast<F*>(o.y), o.sT, o.ckpt, o.sa, o.q);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // A head split over G > 1 blocks keeps 8 threads per row, so that a block still has >= 128 threads and the
 // prefetched chunk (5 key vectors) stays small per thread; one block per head takes `split`.
-template <typename F, bool kTransfer>
+template <typename F, Role kRole>
 void fwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
                const FwdOut& o, int split) {
   const int BH = r.size(0) * r.size(2);
   with_groups(BH, [&](auto gc) {
     constexpr int G = decltype(gc)::value;
     if constexpr (G > 1) {
-      fwd_launch<F, G, 8, kTransfer>(r, w, k, v, a, b, o);
+      fwd_launch<F, G, 8, kRole>(r, w, k, v, a, b, o);
     } else {
-      with_split(split, [&](auto pc) { fwd_launch<F, 1, decltype(pc)::value, kTransfer>(r, w, k, v, a, b, o); });
+      with_split(split, [&](auto pc) { fwd_launch<F, 1, decltype(pc)::value, kRole>(r, w, k, v, a, b, o); });
     }
   });
 }
 
-template <typename F, bool kBack>
-void scan_launch(torch::Tensor x0, torch::Tensor pm, const float* u, const float* q, const F* dy, torch::Tensor out,
-                 int L) {
+template <bool kBack>
+void scan_launch(torch::Tensor x0, torch::Tensor pm, torch::Tensor u, torch::Tensor out) {
   constexpr int N = WKV_N;
   const int B = pm.size(0), ns = pm.size(1), H = pm.size(2);
-  auto kern = span_scan_kernel<F, N, kBack>;
-  wkv::allow_smem(kern, scan_smem<N>());
-  kern<<<B * H * (N / kScanRows), kScanThreads, scan_smem<N>(), c10::cuda::getCurrentCUDAStream()>>>(
-      ns, L, H, x0.data_ptr<float>(), pm.data_ptr<float>(), u, q, dy, out.data_ptr<float>());
+  constexpr size_t smem = ScanTile<N>::kScanSmem;
+  auto kern = span_scan_kernel<N, kBack>;
+  wkv::allow_smem(kern, smem);
+  kern<<<B * H * (N / kScanRows), kScanThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      ns, H, x0.data_ptr<float>(), pm.data_ptr<float>(), u.data_ptr<float>(), out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename F>
-void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
-               torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa, torch::Tensor dr,
-               torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da, torch::Tensor db,
-               torch::Tensor ds0, int split) {
-  const int B = r.size(0), T = r.size(1), H = r.size(2);
-  with_split(split, [&](auto pc) {
-    constexpr int N = WKV_N, P = decltype(pc)::value;
-    const size_t smem = size_t(CK) * (kBwdSliced * Sliced<N, P>::kStride + kBwdPlain * N) * sizeof(float);
-    auto kern = bwd_kernel<F, N, P>;
-    wkv::allow_smem(kern, smem);
-    kern<<<B * H, N * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k),
-        cptr<F>(v), cptr<F>(a), cptr<F>(b), cptr<F>(dy), dsT.data_ptr<float>(), ckpt.data_ptr<float>(),
-        sa.data_ptr<float>(), mptr<F>(dr), mptr<F>(dw), mptr<F>(dk), mptr<F>(dv), mptr<F>(da), mptr<F>(db),
-        ds0.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+void outer_launch(torch::Tensor q, torch::Tensor dy, torch::Tensor out) {
+  constexpr int N = WKV_N;
+  const int Bv = q.size(0), L = q.size(1), H = q.size(2);
+  constexpr size_t smem = ScanTile<N>::kOuterSmem;
+  auto kern = span_outer_kernel<F, N>;
+  wkv::allow_smem(kern, smem);
+  kern<<<Bv * H * (N / kScanRows), kScanThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      L, H, q.data_ptr<float>(), cptr<F>(dy), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -483,40 +498,37 @@ void wkv7_forward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch:
   o.s0 = s0.data_ptr<float>(), o.y = y.data_ptr(), o.sT = sT.data_ptr<float>();
   o.ckpt = ckpt.data_ptr<float>(), o.sa = sa.data_ptr<float>();
   if (r.scalar_type() == at::kBFloat16)
-    fwd_typed<__nv_bfloat16, false>(r, w, k, v, a, b, o, split);
+    fwd_typed<__nv_bfloat16, kOrdinary>(r, w, k, v, a, b, o, split);
   else
-    fwd_typed<float, false>(r, w, k, v, a, b, o, split);
+    fwd_typed<float, kOrdinary>(r, w, k, v, a, b, o, split);
 }
 
 void wkv7_transfer_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                         torch::Tensor b, torch::Tensor u, torch::Tensor p, torch::Tensor q, int split) {
-  FwdOut o;
-  o.sT = u.data_ptr<float>(), o.p = p.data_ptr<float>(), o.q = q.data_ptr<float>();
-  if (r.scalar_type() == at::kBFloat16)
-    fwd_typed<__nv_bfloat16, true>(r, w, k, v, a, b, o, split);
-  else
-    fwd_typed<float, true>(r, w, k, v, a, b, o, split);
+  FwdOut own, trans;
+  own.sT = u.data_ptr<float>();
+  trans.sT = p.data_ptr<float>(), trans.q = q.data_ptr<float>();
+  if (r.scalar_type() == at::kBFloat16) {
+    fwd_typed<__nv_bfloat16, kOwn>(r, w, k, v, a, b, own, split);
+    fwd_typed<__nv_bfloat16, kTransition>(r, w, k, v, a, b, trans, split);
+  } else {
+    fwd_typed<float, kOwn>(r, w, k, v, a, b, own, split);
+    fwd_typed<float, kTransition>(r, w, k, v, a, b, trans, split);
+  }
 }
 
 void wkv7_span_scan_cuda(torch::Tensor s0, torch::Tensor p, torch::Tensor u, torch::Tensor starts) {
-  scan_launch<float, false>(s0, p, u.data_ptr<float>(), nullptr, nullptr, starts, 0);
+  scan_launch<false>(s0, p, u, starts);
 }
 
 void wkv7_span_scan_back_cuda(torch::Tensor dsT, torch::Tensor p, torch::Tensor q, torch::Tensor dy,
                               torch::Tensor ends) {
-  const int L = q.size(1) / p.size(1);
+  const int B = p.size(0), ns = p.size(1), H = p.size(2), L = q.size(1) / ns;
+  auto own = torch::empty_like(p);  // V_c, every span's own part of the gradient at its start
+  auto qv = q.view({B * ns, L, H, WKV_N}), dyv = dy.view({B * ns, L, H, WKV_N});
   if (dy.scalar_type() == at::kBFloat16)
-    scan_launch<__nv_bfloat16, true>(dsT, p, nullptr, q.data_ptr<float>(), cptr<__nv_bfloat16>(dy), ends, L);
+    outer_launch<__nv_bfloat16>(qv, dyv, own);
   else
-    scan_launch<float, true>(dsT, p, nullptr, q.data_ptr<float>(), cptr<float>(dy), ends, L);
-}
-
-void wkv7_backward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
-                        torch::Tensor b, torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa,
-                        torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
-                        torch::Tensor db, torch::Tensor ds0, int split) {
-  if (r.scalar_type() == at::kBFloat16)
-    bwd_typed<__nv_bfloat16>(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
-  else
-    bwd_typed<float>(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
+    outer_launch<float>(qv, dyv, own);
+  scan_launch<true>(dsT, p, own, ends);
 }
