@@ -489,6 +489,25 @@ void outer_launch(torch::Tensor q, torch::Tensor dy, torch::Tensor out) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename F>
+void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
+               torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa, torch::Tensor dr,
+               torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da, torch::Tensor db,
+               torch::Tensor ds0, int split) {
+  const int B = r.size(0), T = r.size(1), H = r.size(2);
+  with_split(split, [&](auto pc) {
+    constexpr int N = WKV_N, P = decltype(pc)::value;
+    const size_t smem = size_t(CK) * (kBwdSliced * Sliced<N, P>::kStride + kBwdPlain * N) * sizeof(float);
+    auto kern = bwd_kernel<F, N, P>;
+    wkv::allow_smem(kern, smem);
+    kern<<<B * H, N * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k),
+        cptr<F>(v), cptr<F>(a), cptr<F>(b), cptr<F>(dy), dsT.data_ptr<float>(), ckpt.data_ptr<float>(),
+        sa.data_ptr<float>(), mptr<F>(dr), mptr<F>(dw), mptr<F>(dk), mptr<F>(dv), mptr<F>(da), mptr<F>(db),
+        ds0.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 void wkv7_forward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
@@ -531,4 +550,14 @@ void wkv7_span_scan_back_cuda(torch::Tensor dsT, torch::Tensor p, torch::Tensor 
   else
     outer_launch<float>(qv, dyv, own);
   scan_launch<true>(dsT, p, own, ends);
+}
+
+void wkv7_backward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
+                        torch::Tensor b, torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa,
+                        torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
+                        torch::Tensor db, torch::Tensor ds0, int split) {
+  if (r.scalar_type() == at::kBFloat16)
+    bwd_typed<__nv_bfloat16>(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
+  else
+    bwd_typed<float>(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
 }
