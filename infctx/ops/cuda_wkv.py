@@ -3,7 +3,8 @@
 Same signature and semantics as the torch ops (CONTRACTS.md): sequence tensors [B,T,H,N] in bf16 or fp32,
 state fp32 [B,H,N(value),N(key)], returns (y, sT); differentiable w.r.t. every input including s0, and the
 gradient of sT flows back (so segmented full BPTT is exact). The forward saves the state every `chunk_len` (16)
-tokens. RWKV-7's backward backsteps S within a chunk from them. RWKV-5/6 run by default on the chunk-parallel
+tokens. RWKV-7's backward backsteps S within a chunk from them; with few heads and long T, RWKV-7 runs on the span
+path (`_WKV7Spans`: spans as batch rows, tied by N x N transfers). RWKV-5/6 run by default on the chunk-parallel
 kernels (every chunk at once, a scan over chunks between), or on the sequential ones that recompute each chunk.
 """
 
