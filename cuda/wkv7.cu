@@ -465,28 +465,26 @@ void fwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
   });
 }
 
+// The span kernels: kScanThreads per block, N / kScanRows blocks per (batch row, head) of `rows`.
+template <typename K, typename... Args>
+void span_launch(K kern, int rows, size_t smem, Args... args) {
+  wkv::allow_smem(kern, smem);
+  kern<<<rows * (WKV_N / kScanRows), kScanThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <bool kBack>
 void scan_launch(torch::Tensor x0, torch::Tensor pm, torch::Tensor u, torch::Tensor out) {
-  constexpr int N = WKV_N;
   const int B = pm.size(0), ns = pm.size(1), H = pm.size(2);
-  constexpr size_t smem = ScanTile<N>::kScanSmem;
-  auto kern = span_scan_kernel<N, kBack>;
-  wkv::allow_smem(kern, smem);
-  kern<<<B * H * (N / kScanRows), kScanThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      ns, H, x0.data_ptr<float>(), pm.data_ptr<float>(), u.data_ptr<float>(), out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  span_launch(span_scan_kernel<WKV_N, kBack>, B * H, ScanTile<WKV_N>::kScanSmem, ns, H, x0.data_ptr<float>(),
+              pm.data_ptr<float>(), u.data_ptr<float>(), out.data_ptr<float>());
 }
 
 template <typename F>
 void outer_launch(torch::Tensor q, torch::Tensor dy, torch::Tensor out) {
-  constexpr int N = WKV_N;
   const int Bv = q.size(0), L = q.size(1), H = q.size(2);
-  constexpr size_t smem = ScanTile<N>::kOuterSmem;
-  auto kern = span_outer_kernel<F, N>;
-  wkv::allow_smem(kern, smem);
-  kern<<<Bv * H * (N / kScanRows), kScanThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      L, H, q.data_ptr<float>(), cptr<F>(dy), out.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  span_launch(span_outer_kernel<F, WKV_N>, Bv * H, ScanTile<WKV_N>::kOuterSmem, L, H, q.data_ptr<float>(),
+              cptr<F>(dy), out.data_ptr<float>());
 }
 
 template <typename F>
