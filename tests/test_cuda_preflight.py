@@ -166,6 +166,27 @@ def test_wkv56_kernel_choice_and_limits(monkeypatch):
     assert "B*H = 65536" in one_line(err) and "kernel='sequential'" in str(err.value)
     cuda_wkv._wkv56(6, wide, wide, wide, wide, torch.zeros(wide.shape[2:]), None, 0, "sequential")
     assert picked[-1] == "sequential"
+    with pytest.raises(ValueError) as err:
+        cuda_wkv._wkv56(6, x, x, x, x, u, None, 16, "chunked")
+    assert "rows_per_block=16" in one_line(err) and "kernel='sequential'" in str(err.value)
+
+
+def test_wkv7_span_choice(monkeypatch):
+    """span= picks the wkv7 Function (None: the auto rule; 0: the sequential kernels); a span that is no multiple of
+    64 or does not divide T is one clear line."""
+    from infctx.ops import cuda_wkv
+
+    picked = []
+    monkeypatch.setattr(cuda_wkv._WKV7, "apply", lambda *a: picked.append(("sequential", a[-1])))
+    monkeypatch.setattr(cuda_wkv._WKV7Spans, "apply", lambda *a: picked.append(("spans", a[-1])))
+    few, many = torch.zeros(1, 4096, 2, 64), torch.zeros(4, 256, 32, 64)
+    for x, span in ((few, None), (few, 0), (few, 1024), (many, None)):
+        cuda_wkv._wkv7(*[x] * 6, None, 0, span)
+    assert picked == [("spans", 64), ("sequential", 0), ("spans", 1024), ("sequential", 0)]
+    for span in (100, 768, -64):
+        with pytest.raises(ValueError) as err:
+            cuda_wkv._wkv7(*[few] * 6, None, 0, span)
+        assert f"span={span} must be 0" in one_line(err) and "T=4096" in str(err.value)
 
 
 @pytest.mark.parametrize("version", [5, 6])

@@ -215,6 +215,12 @@ def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
     value gives the same result. `span` = tokens per span of the span path for long T with few heads (None: the
     rule of `auto_span`; 0: off; else a multiple of 64 that divides T)."""
     validate_inputs(7, dict(r=r, w=w, k=k, v=v, a=a, b=b), {}, s0)
+    return _wkv7(r, w, k, v, a, b, s0, split, span)
+
+
+def _wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor | None, split: int,
+          span: int | None) -> tuple[Tensor, Tensor]:
+    """The span path or the sequential kernels over the whole T, by `span` (see wkv7_cuda)."""
     B, T, H, _ = r.shape
     span = auto_span(B, T, H) if span is None else span
     if span < 0 or span % 64 or (span and T % span):
@@ -265,6 +271,9 @@ def _wkv56(version: int, r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, 
            rows_per_block: int, kernel: str) -> tuple[Tensor, Tensor]:
     if kernel not in KERNELS_56:
         raise ValueError(f"wkv{version} cuda: kernel={kernel!r}; choose one of {', '.join(KERNELS_56)}")
+    if rows_per_block and kernel != "sequential":
+        raise ValueError(f"wkv{version} cuda: rows_per_block={rows_per_block} tiles the sequential kernel only; "
+                         "pass kernel='sequential' with it")
     if kernel == "sequential":
         return _WKV56.apply(version, r, *_like_r(r, w, k, v, u), s0, rows_per_block)
     if r.shape[0] * r.shape[2] > MAX_CHUNKED_HEADS:
