@@ -9,6 +9,8 @@ The sequence is cut into spans of L tokens, and every span becomes one batch row
 - the ordinary forward on every span at once, from its S_c;
 - backward: the gradient at span starts runs back as G_c = G_{c+1} P_c^T + sum_t dy_t q_t^T (G_ns = dsT), and the
   ordinary backward runs on every span at once with G_{c+1} as its incoming state gradient.
+The last test runs cuda_wkv._WKV7Spans itself on CPU over a PyTorch stand-in of the extension, so that its views
+and buffer plumbing are checked without a GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 from infctx import ops
+from infctx.ops._common import wkv7_log_decay
 
 
 def spans(x, L):
@@ -98,3 +101,90 @@ def test_auto_span_rule():
     assert auto_span(1, 16384, 1) == 64        # too few rows at any length: the shortest, 256 spans
     assert auto_span(4, 4096, 32) == 0         # B*H = 128
     assert auto_span(1, 100, 4) == 0 and auto_span(1, 64, 4) == 0  # nothing divides T into >= 2 spans
+
+
+class TorchSpanExtension:
+    """The wkv7 extension's entry points in plain PyTorch with the CUDA kernels' buffer contracts (out-parameters,
+    checkpoints every chunk_len tokens, sa_t = S_{t-1} a_t, the backward rebuilding each span's start state by
+    backstepping its first chunk), so that `_WKV7Spans`'s views and buffer plumbing run on CPU."""
+
+    CK = 16
+
+    def chunk_len(self):
+        return self.CK
+
+    @staticmethod
+    def _run(r, w, k, v, a, b, S):
+        """Token by token from S: (y, S_T, states after every token, sa)."""
+        d = torch.exp(wkv7_log_decay(w))
+        ys, states, sas = [], [], []
+        for t in range(r.shape[1]):
+            sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
+            S = S * d[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+            ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
+            states.append(S)
+            sas.append(sa)
+        return torch.stack(ys, 1), S, torch.stack(states, 1), torch.stack(sas, 1)
+
+    def transfer(self, r, w, k, v, a, b, u, p, q, split):
+        Bv, _, H, N = r.shape
+        _, U, _, _ = self._run(r, w, k, v, a, b, torch.zeros(Bv, H, N, N))
+        y, P, _, _ = self._run(r, w, k, torch.zeros_like(v), a, b, torch.eye(N).expand(Bv, H, N, N))
+        u.copy_(U), p.copy_(P), q.copy_(y)
+
+    def span_scan(self, s0, p, u, starts):
+        S = s0
+        for c in range(p.shape[1]):
+            starts[:, c] = S
+            S = S @ p[:, c] + u[:, c]
+
+    def span_scan_back(self, dsT, p, q, dy, ends):
+        B, ns, H, N, _ = p.shape
+        L = q.shape[1] // ns
+        V = torch.einsum("bcthi,bcthj->bchij", dy.view(B, ns, L, H, N).float(), q.view(B, ns, L, H, N))
+        G = dsT
+        for c in reversed(range(ns)):
+            ends[:, c] = G
+            G = G @ p[:, c].mT + V[:, c]
+
+    def forward(self, r, w, k, v, a, b, s0, y, sT, ckpt, sa, split):
+        out, S, states, sas = self._run(r, w, k, v, a, b, s0)
+        y.copy_(out), sT.copy_(S), sa.copy_(sas)
+        ckpt.copy_(states[:, self.CK - 1::self.CK].permute(0, 2, 1, 3, 4))
+
+    def backward(self, r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split):
+        S = ckpt[:, :, 0]                                       # end of the first chunk: backstep to its start
+        d = torch.exp(wkv7_log_decay(w))
+        for t in reversed(range(self.CK)):
+            S = (S - sa[:, t, :, :, None] * b[:, t, :, None, :] - v[:, t, :, :, None] * k[:, t, :, None, :]) \
+                / d[:, t, :, None, :]
+        leaves = [x.detach().clone().requires_grad_() for x in (r, w, k, v, a, b, S)]
+        with torch.enable_grad():  # called from inside an autograd Function's backward
+            y, sT = ops.wkv7_naive(*leaves)
+            torch.autograd.backward([y, sT], [dy, dsT])
+        for out, leaf in zip((dr, dw, dk, dv, da, db, ds0), leaves):
+            out.copy_(leaf.grad)
+
+
+def test_span_function_plumbing_with_a_torch_extension(monkeypatch):
+    """cuda_wkv._WKV7Spans on CPU over the torch stand-in of its extension: y, sT and every gradient (ds0 with a
+    random dsT) match autograd of the oracle over the whole sequence (fp32 buffers, as on the GPU)."""
+    from infctx.ops import cuda_wkv
+
+    monkeypatch.setattr(cuda_wkv, "load_extension", lambda *a, **k: TorchSpanExtension())
+    B, T, H, N, L = 2, 128, 2, 8, 64
+    x = {n: t.float() for n, t in inputs(B, T, H, N, seed=4).items()}
+    g = torch.Generator().manual_seed(5)
+    dy, dsT = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)
+
+    def grads(fn):
+        leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+        y, sT = fn(*leaves.values())
+        torch.autograd.backward([y, sT], [dy, dsT])
+        return dict(y=y.detach(), sT=sT.detach(), **{f"d{n}": t.grad for n, t in leaves.items()})
+
+    got = grads(lambda *xs: cuda_wkv._wkv7(*xs, split=0, span=L))
+    ref = grads(lambda *xs: ops.wkv7_naive(*(t.double() for t in xs)))
+    for name in ref:
+        err = ((got[name].double() - ref[name]).norm() / ref[name].norm()).item()
+        assert err <= 1e-5, (name, err)
