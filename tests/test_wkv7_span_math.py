@@ -120,7 +120,8 @@ class TorchSpanExtension:
         ys, states, sas = [], [], []
         for t in range(r.shape[1]):
             sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
-            S = S * d[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :] + v[:, t, :, :, None] * k[:, t, :, None, :]
+            S = (S * d[:, t, :, None, :] + sa[..., None] * b[:, t, :, None, :]
+                 + v[:, t, :, :, None] * k[:, t, :, None, :])
             ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
             states.append(S)
             sas.append(sa)
