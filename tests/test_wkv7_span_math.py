@@ -35,11 +35,8 @@ def span_forward(r, w, k, v, a, b, s0, L):
     eye = torch.eye(N, dtype=r.dtype).expand(B * ns, H, N, N)
     q, P = ops.wkv7_naive(*seq[:3], torch.zeros_like(seq[3]), *seq[4:], eye)
     U, P = U.view(B, ns, H, N, N), P.view(B, ns, H, N, N)
-    S, starts = s0, []
-    for c in range(ns):
-        starts.append(S)
-        S = S @ P[:, c] + U[:, c]
-    starts = torch.stack(starts, dim=1)
+    starts = torch.empty_like(U)
+    S = TorchSpanExtension.span_scan(s0, P, U, starts)
     y, ends = ops.wkv7_naive(*seq, starts.reshape(B * ns, H, N, N))
     return y.reshape(B, T, H, N), ends.view(B, ns, H, N, N), S, starts, P, q.reshape(B, T, H, N)
 
@@ -48,15 +45,12 @@ def span_backward(r, w, k, v, a, b, s0, dy, dsT, L):
     B, T, H, N = r.shape
     ns = T // L
     *_, starts, P, q = span_forward(r, w, k, v, a, b, s0, L)
-    Vc = torch.einsum("bcthi,bcthj->bchij", dy.view(B, ns, L, H, N), q.view(B, ns, L, H, N))
-    G, ends = dsT, [None] * ns
-    for c in reversed(range(ns)):
-        ends[c] = G
-        G = G @ P[:, c].mT + Vc[:, c]
+    ends = torch.empty_like(P)
+    G = TorchSpanExtension.span_scan_back(dsT, P, q, dy, ends)
     leaves = [spans(x, L).clone().requires_grad_() for x in (r, w, k, v, a, b)]
     start = starts.reshape(B * ns, H, N, N).clone().requires_grad_()
     y, sT = ops.wkv7_naive(*leaves, start)
-    torch.autograd.backward([y, sT], [spans(dy, L), torch.stack(ends, dim=1).reshape(B * ns, H, N, N)])
+    torch.autograd.backward([y, sT], [spans(dy, L), ends.reshape(B * ns, H, N, N)])
     grads = [x.grad.reshape(B, T, H, N) for x in leaves]
     return grads, start.grad.view(B, ns, H, N, N)[:, 0], G
 
@@ -133,20 +127,26 @@ class TorchSpanExtension:
         y, P, _, _ = self._run(r, w, k, torch.zeros_like(v), a, b, torch.eye(N).expand(Bv, H, N, N))
         u.copy_(U), p.copy_(P), q.copy_(y)
 
-    def span_scan(self, s0, p, u, starts):
+    @staticmethod
+    def span_scan(s0, p, u, starts):
+        """Fills starts[:, c] = S_c; returns S_ns (the kernel does not write it)."""
         S = s0
         for c in range(p.shape[1]):
             starts[:, c] = S
             S = S @ p[:, c] + u[:, c]
+        return S
 
-    def span_scan_back(self, dsT, p, q, dy, ends):
+    @staticmethod
+    def span_scan_back(dsT, p, q, dy, ends):
+        """Fills ends[:, c] = G_{c+1}; returns G_0 (the kernel does not write it)."""
         B, ns, H, N, _ = p.shape
         L = q.shape[1] // ns
-        V = torch.einsum("bcthi,bcthj->bchij", dy.view(B, ns, L, H, N).float(), q.view(B, ns, L, H, N))
+        V = torch.einsum("bcthi,bcthj->bchij", dy.view(B, ns, L, H, N).to(q.dtype), q.view(B, ns, L, H, N))
         G = dsT
         for c in reversed(range(ns)):
             ends[:, c] = G
             G = G @ p[:, c].mT + V[:, c]
+        return G
 
     def forward(self, r, w, k, v, a, b, s0, y, sT, ckpt, sa, split):
         out, S, states, sas = self._run(r, w, k, v, a, b, s0)
@@ -167,13 +167,15 @@ class TorchSpanExtension:
             out.copy_(leaf.grad)
 
 
-def test_span_function_plumbing_with_a_torch_extension(monkeypatch):
-    """cuda_wkv._WKV7Spans on CPU over the torch stand-in of its extension: y, sT and every gradient (ds0 with a
-    random dsT) match autograd of the oracle over the whole sequence (fp32 buffers, as on the GPU)."""
+@pytest.mark.parametrize("L", [64, 0], ids=["spans", "sequential"])
+def test_span_function_plumbing_with_a_torch_extension(monkeypatch, L):
+    """cuda_wkv._WKV7Spans (and, span=0, _WKV7) on CPU over the torch stand-in of the extension: y, sT and every
+    gradient (ds0 with a random dsT) match autograd of the oracle over the whole sequence (fp32 buffers, as on
+    the GPU)."""
     from infctx.ops import cuda_wkv
 
     monkeypatch.setattr(cuda_wkv, "load_extension", lambda *a, **k: TorchSpanExtension())
-    B, T, H, N, L = 2, 128, 2, 8, 64
+    B, T, H, N = 2, 128, 2, 8
     x = {n: t.float() for n, t in inputs(B, T, H, N, seed=4).items()}
     g = torch.Generator().manual_seed(5)
     dy, dsT = torch.randn(B, T, H, N, generator=g), torch.randn(B, H, N, N, generator=g)

@@ -80,29 +80,42 @@ def _no_scratch(r: Tensor) -> Tensor:
     return torch.empty(0, device=r.device)
 
 
+def _forward7(ext, seq: list[Tensor], s0: Tensor, split: int) -> tuple[Tensor, ...]:
+    """The ordinary wkv7 forward kernel on [B,T,H,N] inputs (r, w, k, v, a, b) from s0: (y, sT, ckpt, sa)."""
+    r = seq[0]
+    B, T, H, N = r.shape
+    y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
+    ckpt = torch.empty(B, H, _chunks(ext, r), N, N, device=r.device)
+    sa = torch.empty(B, T, H, N, device=r.device)
+    ext.forward(*seq, s0, y, sT, ckpt, sa, split)
+    return y, sT, ckpt, sa
+
+
+def _backward7(ext, seq: list[Tensor], dy: Tensor | None, dsT: Tensor | None, ckpt: Tensor, sa: Tensor,
+               split: int) -> tuple[list[Tensor], Tensor]:
+    """The ordinary wkv7 backward kernel: the six input gradients (like the inputs) and ds0."""
+    r = seq[0]
+    B, _, H, N = r.shape
+    grads = [torch.empty_like(r) for _ in range(6)]
+    ds0 = torch.empty(B, H, N, N, device=r.device)
+    ext.backward(*seq, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt, sa, *grads, ds0, split)
+    return grads, ds0
+
+
 class _WKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, s0, split):
-        B, T, H, N = r.shape
-        ext = load_extension(7, N, r.device)
-        nc = _chunks(ext, r)
-        y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
-        ckpt = torch.empty(B, H, nc, N, N, device=r.device)
-        sa = torch.empty(B, T, H, N, device=r.device)
-        ext.forward(r, w, k, v, a, b, _state_in(s0, r), y, sT, ckpt, sa, split)
+        ext = load_extension(7, r.shape[3], r.device)
+        y, sT, ckpt, sa = _forward7(ext, [r, w, k, v, a, b], _state_in(s0, r), split)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
         ctx.has_s0, ctx.split = s0 is not None, split
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        r, w, k, v, a, b, ckpt, sa = ctx.saved_tensors
-        B, T, H, N = r.shape
-        ext = load_extension(7, N, r.device)
-        grads = [torch.empty_like(r) for _ in range(6)]
-        ds0 = torch.empty(B, H, N, N, device=r.device)
-        ext.backward(r, w, k, v, a, b, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt, sa,
-                     *grads, ds0, ctx.split)
+        *seq, ckpt, sa = ctx.saved_tensors
+        ext = load_extension(7, seq[0].shape[3], seq[0].device)
+        grads, ds0 = _backward7(ext, seq, dy, dsT, ckpt, sa, ctx.split)
         return (*grads, ds0 if ctx.has_s0 else None, None)
 
 
@@ -166,14 +179,10 @@ class _WKV7Spans(torch.autograd.Function):
         starts = torch.empty_like(own)
         ext.span_scan(_state_in(s0, r), trans, own, starts)
         del own
-        y, ends = torch.empty_like(r), torch.empty(B, ns, H, N, N, device=r.device)
-        ckpt = torch.empty(B * ns, H, _chunks(ext, seq[0]), N, N, device=r.device)
-        sa = torch.empty(B, T, H, N, device=r.device)
-        ext.forward(*seq, starts.view(B * ns, H, N, N), y.view(B * ns, span, H, N), ends.view(B * ns, H, N, N),
-                    ckpt, sa.view(B * ns, span, H, N), split)
+        y, ends, ckpt, sa = _forward7(ext, seq, starts.view(B * ns, H, N, N), split)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa, trans, q)
         ctx.has_s0, ctx.split, ctx.span = s0 is not None, split, span
-        return y, ends[:, -1].contiguous()
+        return y.view(B, T, H, N), ends.view(B, ns, H, N, N)[:, -1].contiguous()
 
     @staticmethod
     def backward(ctx, dy, dsT):
@@ -185,12 +194,10 @@ class _WKV7Spans(torch.autograd.Function):
         dy = _grad_in(dy, r, r.dtype)
         ends = torch.empty(B, ns, H, N, N, device=r.device)
         ext.span_scan_back(_grad_in(dsT, ends[:, 0], torch.float32), trans, q, dy, ends)
-        grads = [torch.empty_like(r) for _ in range(6)]
-        ds0 = torch.empty(B, ns, H, N, N, device=r.device)
-        view = lambda x: x.view(B * ns, span, H, N)  # noqa: E731
-        ext.backward(*map(view, (r, w, k, v, a, b, dy)), ends.view(B * ns, H, N, N), ckpt, view(sa),
-                     *map(view, grads), ds0.view(B * ns, H, N, N), ctx.split)
-        return (*grads, ds0[:, 0].contiguous() if ctx.has_s0 else None, None, None)
+        seq = [x.view(B * ns, span, H, N) for x in (r, w, k, v, a, b, dy, sa)]
+        grads, ds0 = _backward7(ext, seq[:6], seq[6], ends.view(B * ns, H, N, N), ckpt, seq[7], ctx.split)
+        grads = [g.view(B, T, H, N) for g in grads]
+        return (*grads, ds0.view(B, ns, H, N, N)[:, 0].contiguous() if ctx.has_s0 else None, None, None)
 
 
 SPAN_MIN_BH = 128  # B*H at which one block per head already fills the GPU: no span path (auto)
