@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device command for the GPU checks: bash bench/device_run.sh [STAGE ...] [-- BENCH_TRAIN_ARGS ...]
-# Stages (run in the order given; default: all): kernels tests doctor bench-kernels train-check bench-train
+# Stages (run in the order given; default: all): kernels tests doctor bench-kernels train-check bench-train (ncu only when named)
 #   kernels       build every CUDA WKV extension in parallel processes (later stages hit ~/.cache/infctx/cuda)
 #   tests         python3 -m pytest -v -m gpu -rs ${PYTEST_ARGS:-tests/}   (the GPU suite; -v: a kill keeps results)
 #   doctor        infctx doctor (toolchain, kernel builds, tiny fwd+bwd against float64)
@@ -9,6 +9,9 @@
 #   train-check   recipes/rwkv7-0.1b-pretrain.yaml + recipes/rwkv7-0.1b-zero3-check.yaml (ZeRO-3, 1 GPU, 300 steps)
 #                 on a World-tokenized corpus of the machine's Python sources; summary, export to .pth, generate
 #   bench-train   python3 -m infctx.bench.train, 0.1B, 4k..1M, full+truncated, within BENCH_TRAIN_BUDGET_S (270)
+#   ncu           Nsight Compute counters (occupancy, stalls, shared-memory wavefronts) of one wkv7 forward and
+#                 backward launch per shape in NCU_SHAPES (B,T,H ...; default 16,1024,32 4,4096,32), sequential
+#                 kernels (span 0), kernels matching NCU_KERNELS (regex, default fwd_kernel|bwd_kernel)
 # Env: OUT (files to bring back; default /tmp/device_run_out), BUDGET_S (570: whole script; a stage that no longer
 # fits is skipped, the last one's timeout is cut), PY (python3), TRAIN_ARGS (extra `infctx fit` overrides),
 # <STAGE>_S (a stage's time, e.g. TESTS_S=120, BENCH_TRAIN_S=300), CHECK_CORPUS_MB (64), SKIP_WHEELS=1 (don't pip install .whl/*.whl), KERNELS_VERBOSE=0 (no compiler output).
@@ -62,6 +65,27 @@ sys.exit(0 if ok else 1)
 st_tests() { eval "set -- ${PYTEST_ARGS:-tests/}"; tmo $PY -m pytest -v -m gpu -rs --durations=15 -p no:cacheprovider "$@"; }
 st_doctor() { tmo $PY -m infctx.cli doctor; }
 st_bench_kernels() { eval "set -- ${BENCH_KERNELS_ARGS:-}"; tmo $PY -m infctx.bench.kernels "$@"; }
+st_ncu() {
+  local ncu; ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+  [ -n "$ncu" ] || { echo "ncu: not found"; return 1; }
+  tmo "$ncu" --clock-control none --target-processes all -k "regex:${NCU_KERNELS:-fwd_kernel|bwd_kernel}" \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats \
+    --section WarpStateStats --section InstructionStats --section MemoryWorkloadAnalysis_Tables \
+    --section SourceCounters --metrics \
+smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,\
+l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum,smsp__inst_executed_op_shfl.sum \
+    $PY -c '
+import sys, torch
+from infctx.bench.kernels import make_inputs, ours
+for shape in sys.argv[1:]:
+    B, T, H = map(int, shape.split(","))
+    x = make_inputs(7, B, T, H, 64)
+    y, s = ours(7, span=0)(x)
+    torch.autograd.backward([y, s], [torch.randn_like(y), torch.randn_like(s)])
+    torch.cuda.synchronize()
+    print("ncu: ran", shape, flush=True)
+' ${NCU_SHAPES:-16,1024,32 4,4096,32}
+}
 st_bench_train() {
   local b=$((STAGE_T - 60)); ((b > ${BENCH_TRAIN_BUDGET_S:-270})) && b=${BENCH_TRAIN_BUDGET_S:-270}
   eval "set -- ${BENCH_TRAIN_ARGS:-}"
@@ -133,7 +157,8 @@ for stage in "${STAGES[@]}"; do
   case $stage in
     kernels) want=300 min=60 ;; tests) want=300 min=60 ;; doctor) want=120 min=20 ;;
     bench-kernels) want=420 min=60 ;; train-check) want=330 min=200 ;; bench-train) want=340 min=120 ;;
-    *) say "[$stage] unknown stage (kernels tests doctor bench-kernels train-check bench-train)"; continue ;;
+    ncu) want=240 min=60 ;;
+    *) say "[$stage] unknown stage (kernels tests doctor bench-kernels train-check bench-train ncu)"; continue ;;
   esac
   v=${stage//-/_}_S; v=${v^^}; want=${!v:-$want}  # e.g. TESTS_S=120 caps the tests stage at 120 s
   left=$((T0 + BUDGET_S - $(date +%s) - 10)); STAGE_T=$((want < left ? want : left))

@@ -30,6 +30,7 @@ using wkv::CK;
 using wkv::group_sum;
 using wkv::ident;
 using wkv::plain;
+using wkv::write_chunk;
 
 namespace {
 
@@ -67,8 +68,7 @@ __device__ __forceinline__ float at4(const float4& v, int c) { return c == 0 ? v
 
 // The next chunk's inputs, in registers until the chunk before it is done: r, w, k, a, b (all N features; stored
 // sliced, w as its decay) and v for the block's R value rows: plain in the forward, sliced like the keys in the
-// backward (kVSliced, R = N). v's place in the load and store order follows the same flag only to keep each
-// kernel's SASS as it was: moved, ptxas reorders the prefetch and renames its registers.
+// backward (kVSliced, R = N).
 template <typename F, int N, int R, int kThreads, bool kVSliced>
 struct NextChunk {
   ChunkShare<N, N, kThreads, F> r, w, k, a, b;
@@ -79,10 +79,9 @@ struct NextChunk {
     r.load(r_, bb, t0, L, h, T, H);
     w.load(w_, bb, t0, L, h, T, H);
     k.load(k_, bb, t0, L, h, T, H);
-    if constexpr (kVSliced) v.load(v_, bb, t0, L, h, T, H, x0);
+    v.load(v_, bb, t0, L, h, T, H, x0);
     a.load(a_, bb, t0, L, h, T, H);
     b.load(b_, bb, t0, L, h, T, H);
-    if constexpr (!kVSliced) v.load(v_, bb, t0, L, h, T, H, x0);
   }
 
   // Raw w also goes plain into sw where given (the backward's dw needs it), next to its decay for the same reason.
@@ -95,9 +94,9 @@ struct NextChunk {
     w.store(sd, stride, at, decay7);
     k.store(sk, stride, at, ident);
     if constexpr (kVSliced) v.store(sv, stride, at, ident);
+    else v.store(sv, R, plain, ident);
     a.store(sa, stride, at, ident);
     b.store(sb, stride, at, ident);
-    if constexpr (!kVSliced) v.store(sv, R, plain, ident);
   }
 };
 
@@ -177,15 +176,12 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
     }
     if constexpr (kRole == kOwn) continue;
     __syncthreads();  // y and sa of the chunk are staged
-    for (int e = threadIdx.x; e < L * R; e += kThreads) {
-      const int l = e / R, x = e % R;
-      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + g * R + x;
-      if constexpr (kRole == kTransition) {
-        q_out[o] = sy[l][x];
-      } else {
-        y[o] = wkv::from_f<F>(sy[l][x]);
-        sa_out[o] = ssa[l][x];
-      }
+    const auto y_at = [&](int l, int x) { return sy[l][x]; };
+    if constexpr (kRole == kTransition) {
+      write_chunk<N, R, kThreads, float>(q_out, bb, t0, L, h, T, H, g * R, y_at);
+    } else {
+      write_chunk<N, R, kThreads, F>(y, bb, t0, L, h, T, H, g * R, y_at);
+      write_chunk<N, R, kThreads, float>(sa_out, bb, t0, L, h, T, H, g * R, [&](int l, int x) { return ssa[l][x]; });
     }
   }
 }
@@ -193,8 +189,22 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
 // ---------------------------------------------------------------------------------------------------------------
 // Backward: grid B*H blocks of N*P threads; thread (i, p) holds the entries j = p*M + q (q < M = N/P) of
 //   Sc = column i of S,  dR = row i of dS,  dC = column i of dS.
-// Shared per chunk: 9 sliced input vectors (decay, not w) + dsa; raw w and 6 staged gradients as plain CK x N.
+// Shared per chunk: 9 sliced input vectors (decay, not w) + dsa; raw w and 6 staged gradients as plain CK x N;
+// the chunk's checkpoint (N x N), copied in asynchronously while the chunk after it is computed.
 constexpr int kBwdSliced = 10, kBwdPlain = 7;
+
+__device__ __forceinline__ void copy16_async(float* dst_smem, const float* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Place of checkpoint entry (row, col) in shared memory: the column index is XOR-swizzled by the row's slice
+// (row / M), so that the P slices a warp reads together (rows p*M + q of one column) fall in distinct banks.
+template <int N, int P>
+__device__ __forceinline__ int ckpt_at(int row, int col) {
+  return row * N + (col ^ (row / (N / P) * (32 / P)));
+}
 
 template <typename F, int N, int P>
 __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __restrict__ r, const F* __restrict__ w,
@@ -209,7 +219,7 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
   float *sb = sa + CK * VS, *sdy = sb + CK * VS, *ssa = sdy + CK * VS, *sdsa = ssa + CK * VS;
   float (*sw)[N] = reinterpret_cast<float (*)[N]>(sdsa + CK * VS);
   float (*gr)[N] = sw + CK, (*gw)[N] = gr + CK, (*gk)[N] = gw + CK, (*gv)[N] = gk + CK, (*ga)[N] = gv + CK;
-  float (*gb)[N] = ga + CK;
+  float (*gb)[N] = ga + CK, *sck = &gb[0][0] + CK * N;
   const int bh = blockIdx.x, bb = bh / H, h = bh % H;
   const int i = threadIdx.x / P, p = threadIdx.x % P, off = p * Lay::kPitch, ii = Lay::at(i);
   const int nc = (T + CK - 1) / CK;
@@ -234,18 +244,31 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
     next.dy.load(dy, bb, t0, L, h, T, H);
     next.sa_t.load(sa_in, bb, t0, L, h, T, H);
   };
+  auto fetch_ckpt = [&](int c) {  // S at the end of chunk c -> sck
+    const float* cp = ckpt + (int64_t(bh) * nc + c) * N * N;
+#pragma unroll
+    for (int n = 0; n < N * N / 4 / kThreads; ++n) {
+      const int e = threadIdx.x + n * kThreads, row = e / (N / 4), col = e % (N / 4) * 4;
+      copy16_async(sck + ckpt_at<N, P>(row, col), cp + row * N + col);
+    }
+  };
+  static_assert(N * N / 4 % kThreads == 0, "the checkpoint copy must split evenly");
   prefetch((nc - 1) * CK);
+  fetch_ckpt(nc - 1);
   for (int c = nc - 1; c >= 0; --c) {
     const int t0 = c * CK, L = min(CK, T - t0);
-    const float* cp = ckpt + (int64_t(bh) * nc + c) * N * N;  // S at the end of chunk c
+    wait_copies();
+    __syncthreads();  // the checkpoint has landed; the previous chunk's gradients are written out
 #pragma unroll
-    for (int q = 0; q < M; ++q) Sc[q] = cp[(p * M + q) * N + i];
-    __syncthreads();  // the previous chunk's gradients are written out
+    for (int q = 0; q < M; ++q) Sc[q] = sck[ckpt_at<N, P>(p * M + q, i)];
     next.store(sr, sd, sk, sv, sa, sb, VS, Lay::at, &sw[0][0]);
     next.dy.store(sdy, VS, Lay::at, ident);
     next.sa_t.store(ssa, VS, Lay::at, ident);
-    __syncthreads();
-    if (c > 0) prefetch(t0 - CK);
+    __syncthreads();  // staged, and every thread has its column of the checkpoint
+    if (c > 0) {
+      prefetch(t0 - CK);
+      fetch_ckpt(c - 1);
+    }
     for (int l = L - 1; l >= 0; --l) {
       const int t = l * VS;
       const float dyi = sdy[t + ii], ri = sr[t + ii], ki = sk[t + ii], bi = sb[t + ii], di = sd[t + ii];
@@ -300,17 +323,18 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
       if (p == 0) ga[l][i] = pa;
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < L * N; e += kThreads) {
-      const int l = e / N, x = e % N;
-      const int64_t o = wkv::seq_off(bb, t0 + l, h, T, H, N) + x;
+    const auto write = [&](F* dst, float (*src)[N]) {
+      write_chunk<N, N, kThreads, F>(dst, bb, t0, L, h, T, H, 0, [&](int l, int x) { return src[l][x]; });
+    };
+    write(dr, gr);
+    write(dk, gk);
+    write(dv, gv);
+    write(da, ga);
+    write(db, gb);
+    write_chunk<N, N, kThreads, F>(dw, bb, t0, L, h, T, H, 0, [&](int l, int x) {
       const float wx = sw[l][x];  // d(decay)/dw = -e^{-1/2} decay sigmoid(w) sigmoid(-w), without 1 - sigmoid's cancellation
-      dr[o] = wkv::from_f<F>(gr[l][x]);
-      dw[o] = wkv::from_f<F>(gw[l][x] * sd[l * VS + Lay::at(x)] * (-kDecayScale) * sigmoid(wx) * sigmoid(-wx));
-      dk[o] = wkv::from_f<F>(gk[l][x]);
-      dv[o] = wkv::from_f<F>(gv[l][x]);
-      da[o] = wkv::from_f<F>(ga[l][x]);
-      db[o] = wkv::from_f<F>(gb[l][x]);
-    }
+      return gw[l][x] * sd[l * VS + Lay::at(x)] * (-kDecayScale) * sigmoid(wx) * sigmoid(-wx);
+    });
   }
   float* out = ds0 + (int64_t(bh) * N + i) * N + p * M;
 #pragma unroll
@@ -420,12 +444,17 @@ void with_split(int split, Fn&& f) {
   else f(Const<8>{});
 }
 
-// Forward blocks per head: more blocks (fewer rows each) when B*H alone cannot fill the GPU.
+// Forward blocks per head (groups; 0 = by B*H): more blocks (fewer rows each) when B*H alone cannot fill the GPU.
 template <class Fn>
-void with_groups(int BH, Fn&& f) {
-  if (BH >= 128) f(Const<1>{});
-  else if (BH >= 32) f(Const<4>{});
-  else f(Const<WKV_N / 16>{});
+void with_groups(int BH, int groups, Fn&& f) {
+  constexpr int kMost = WKV_N / 16;
+  if (groups == 0) groups = BH >= 128 ? 1 : BH >= 32 ? 4 : kMost;
+  TORCH_CHECK(groups == 1 || groups == 2 || groups == 4 || groups == kMost,
+              "wkv7: forward blocks per head (groups) must be 0 (auto), 1, 2, 4 or ", kMost);
+  if (groups == 1) f(Const<1>{});
+  else if (groups == 2) f(Const<2>{});
+  else if (groups == 4) f(Const<4>{});
+  else f(Const<kMost>{});
 }
 
 // Where a forward launch writes: the ordinary role fills y, sT, ckpt and sa from s0; kOwn fills sT; kTransition
@@ -453,9 +482,9 @@ void fwd_launch(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor
 // prefetched chunk (5 key vectors) stays small per thread; one block per head takes `split`.
 template <typename F, Role kRole>
 void fwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
-               const FwdOut& o, int split) {
+               const FwdOut& o, int split, int groups) {
   const int BH = r.size(0) * r.size(2);
-  with_groups(BH, [&](auto gc) {
+  with_groups(BH, groups, [&](auto gc) {
     constexpr int G = decltype(gc)::value;
     if constexpr (G > 1) {
       fwd_launch<F, G, 8, kRole>(r, w, k, v, a, b, o);
@@ -495,7 +524,7 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
   const int B = r.size(0), T = r.size(1), H = r.size(2);
   with_split(split, [&](auto pc) {
     constexpr int N = WKV_N, P = decltype(pc)::value;
-    const size_t smem = size_t(CK) * (kBwdSliced * Sliced<N, P>::kStride + kBwdPlain * N) * sizeof(float);
+    const size_t smem = (size_t(CK) * (kBwdSliced * Sliced<N, P>::kStride + kBwdPlain * N) + N * N) * sizeof(float);
     auto kern = bwd_kernel<F, N, P>;
     wkv::allow_smem(kern, smem);
     kern<<<B * H, N * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k),
@@ -510,27 +539,27 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
 
 void wkv7_forward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                        torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
-                       torch::Tensor sa, int split) {
+                       torch::Tensor sa, int split, int groups) {
   FwdOut o;
   o.s0 = s0.data_ptr<float>(), o.y = y.data_ptr(), o.sT = sT.data_ptr<float>();
   o.ckpt = ckpt.data_ptr<float>(), o.sa = sa.data_ptr<float>();
   if (r.scalar_type() == at::kBFloat16)
-    fwd_typed<__nv_bfloat16, kOrdinary>(r, w, k, v, a, b, o, split);
+    fwd_typed<__nv_bfloat16, kOrdinary>(r, w, k, v, a, b, o, split, groups);
   else
-    fwd_typed<float, kOrdinary>(r, w, k, v, a, b, o, split);
+    fwd_typed<float, kOrdinary>(r, w, k, v, a, b, o, split, groups);
 }
 
 void wkv7_transfer_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
-                        torch::Tensor b, torch::Tensor u, torch::Tensor p, torch::Tensor q, int split) {
+                        torch::Tensor b, torch::Tensor u, torch::Tensor p, torch::Tensor q, int split, int groups) {
   FwdOut own, trans;
   own.sT = u.data_ptr<float>();
   trans.sT = p.data_ptr<float>(), trans.q = q.data_ptr<float>();
   if (r.scalar_type() == at::kBFloat16) {
-    fwd_typed<__nv_bfloat16, kOwn>(r, w, k, v, a, b, own, split);
-    fwd_typed<__nv_bfloat16, kTransition>(r, w, k, v, a, b, trans, split);
+    fwd_typed<__nv_bfloat16, kOwn>(r, w, k, v, a, b, own, split, groups);
+    fwd_typed<__nv_bfloat16, kTransition>(r, w, k, v, a, b, trans, split, groups);
   } else {
-    fwd_typed<float, kOwn>(r, w, k, v, a, b, own, split);
-    fwd_typed<float, kTransition>(r, w, k, v, a, b, trans, split);
+    fwd_typed<float, kOwn>(r, w, k, v, a, b, own, split, groups);
+    fwd_typed<float, kTransition>(r, w, k, v, a, b, trans, split, groups);
   }
 }
 

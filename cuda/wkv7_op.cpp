@@ -5,13 +5,13 @@
 
 void wkv7_forward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                        torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
-                       torch::Tensor sa, int split);
+                       torch::Tensor sa, int split, int groups);
 void wkv7_backward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                         torch::Tensor b, torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa,
                         torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
                         torch::Tensor db, torch::Tensor ds0, int split);
 void wkv7_transfer_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
-                        torch::Tensor b, torch::Tensor u, torch::Tensor p, torch::Tensor q, int split);
+                        torch::Tensor b, torch::Tensor u, torch::Tensor p, torch::Tensor q, int split, int groups);
 void wkv7_span_scan_cuda(torch::Tensor s0, torch::Tensor p, torch::Tensor u, torch::Tensor starts);
 void wkv7_span_scan_back_cuda(torch::Tensor dsT, torch::Tensor p, torch::Tensor q, torch::Tensor dy,
                               torch::Tensor ends);
@@ -29,10 +29,10 @@ static void check_spans(const torch::Tensor& x0, std::initializer_list<torch::Te
 
 static void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                     torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
-                    torch::Tensor sa, int split) {
+                    torch::Tensor sa, int split, int groups) {
   wkv::check_seq(r, {r, w, k, v, a, b, y}, WKV_N);
   wkv::check_f32({s0, sT, ckpt, sa});
-  wkv7_forward_cuda(r, w, k, v, a, b, s0, y, sT, ckpt, sa, split);
+  wkv7_forward_cuda(r, w, k, v, a, b, s0, y, sT, ckpt, sa, split, groups);
 }
 
 static void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
@@ -46,13 +46,13 @@ static void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::T
 
 // Transfer of every batch row (each one span): u = its own state from 0, p = its transition, q_t = P_{<=t} r_t.
 static void transfer(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
-                     torch::Tensor b, torch::Tensor u, torch::Tensor p, torch::Tensor q, int split) {
+                     torch::Tensor b, torch::Tensor u, torch::Tensor p, torch::Tensor q, int split, int groups) {
   wkv::check_seq(r, {r, w, k, v, a, b}, WKV_N);
   wkv::check_f32({u, p, q});
   TORCH_CHECK(q.sizes() == r.sizes(), "wkv7 transfer: q must be fp32 shaped like r");
   TORCH_CHECK(u.dim() == 4 && u.size(0) == r.size(0) && u.size(1) == r.size(2) && u.sizes() == p.sizes(),
               "wkv7 transfer: u and p must be [B,H,N,N]");
-  wkv7_transfer_cuda(r, w, k, v, a, b, u, p, q, split);
+  wkv7_transfer_cuda(r, w, k, v, a, b, u, p, q, split, groups);
 }
 
 static void span_scan(torch::Tensor s0, torch::Tensor p, torch::Tensor u, torch::Tensor starts) {
@@ -72,7 +72,7 @@ static void span_scan_back(torch::Tensor dsT, torch::Tensor p, torch::Tensor q, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "wkv7 forward: (r,w,k,v,a,b,s0) -> fills y, sT, end-of-chunk states, sa; split: "
-        "threads per state index (0 auto)");
+        "threads per state index (0 auto); groups: forward blocks per head (0 auto)");
   m.def("backward", &backward, "wkv7 backward: fills every input gradient and ds0 from dy and dsT");
   m.def("transfer", &transfer, "wkv7 span transfer: per batch row, own state u, transition p and q = P r (fp32)");
   m.def("span_scan", &span_scan, "wkv7 span scan: state at every span start from s0, p, u");

@@ -13,6 +13,8 @@ inline void check_seq(const torch::Tensor& ref, std::initializer_list<torch::Ten
     TORCH_CHECK(t.is_cuda() && t.is_contiguous(), "wkv: every tensor must be a contiguous CUDA tensor");
     TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "wkv: every sequence tensor must share one dtype");
     TORCH_CHECK(t.sizes() == ref.sizes(), "wkv: every sequence tensor must have shape [B,T,H,N]");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                "wkv: sequence tensors must start 16-byte aligned (the kernels load rows as vectors; clone a view)");
   }
 }
 

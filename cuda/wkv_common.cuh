@@ -57,33 +57,105 @@ template <int W> __device__ __forceinline__ float group_sum(float x) {
 __device__ __forceinline__ float ident(float x) { return x; }
 __device__ __forceinline__ int plain(int x) { return x; }
 
-// One thread's share of a chunk (CK tokens x W features starting at feature x0) of a [B,T,H,N] tensor, held in
-// registers: loaded for the next chunk while the current one is computed, so global latency stays off the
-// sequential path. Element n of the share is e = threadIdx.x + n * kThreads (coalesced); tokens past T read 0.
-template <int N, int W, int kThreads, typename F>
-struct ChunkShare {
-  static constexpr int E = CK * W / kThreads;
-  static_assert(E >= 1 && CK * W % kThreads == 0, "a chunk must split evenly over the block");
-  float x[E];
+// E values of type F moved as whole words: vector loads and stores of E * sizeof(F) bytes (16 at a time), bf16 kept
+// packed two to a 32-bit register. The address must be aligned to min(16, E * sizeof(F)) bytes.
+template <typename F, int E>
+struct Packed {
+  static constexpr int kBytes = E * int(sizeof(F)), kWords = kBytes >= 4 ? kBytes / 4 : 1;
+  uint32_t w[kWords];
 
-  __device__ __forceinline__ void load(const F* src, int bb, int t0, int L, int h, int T, int H, int x0 = 0) {
+  __device__ __forceinline__ void load(const F* src) {
+    if constexpr (kBytes >= 16) {
 #pragma unroll
-    for (int n = 0; n < E; ++n) {
-      const int e = threadIdx.x + n * kThreads, l = e / W;
-      x[n] = l < L ? to_f(src[seq_off(bb, t0 + l, h, T, H, N) + x0 + e % W]) : 0.f;
+      for (int u = 0; u < kWords / 4; ++u) {
+        const uint4 x = reinterpret_cast<const uint4*>(src)[u];
+        w[4 * u] = x.x, w[4 * u + 1] = x.y, w[4 * u + 2] = x.z, w[4 * u + 3] = x.w;
+      }
+    } else if constexpr (kBytes == 8) {
+      const uint2 x = *reinterpret_cast<const uint2*>(src);
+      w[0] = x.x, w[1] = x.y;
+    } else if constexpr (kBytes == 4) {
+      w[0] = *reinterpret_cast<const uint32_t*>(src);
+    } else {
+      w[0] = *reinterpret_cast<const unsigned short*>(src);
     }
   }
-
-  // dst[l * stride + at(x)] = fn(value of (l, x))
-  template <class At, class Fn>
-  __device__ __forceinline__ void store(float* dst, int stride, At at, Fn fn) const {
+  __device__ __forceinline__ void zero() {
 #pragma unroll
-    for (int n = 0; n < E; ++n) {
-      const int e = threadIdx.x + n * kThreads;
-      dst[(e / W) * stride + at(e % W)] = fn(x[n]);
+    for (int u = 0; u < kWords; ++u) w[u] = 0u;
+  }
+  __device__ __forceinline__ float get(int n) const {
+    if constexpr (sizeof(F) == 4) return __uint_as_float(w[n]);
+    else return __uint_as_float(n % 2 ? w[n / 2] & 0xffff0000u : w[n / 2] << 16);
+  }
+  __device__ __forceinline__ void set(int n, float x) {
+    if constexpr (sizeof(F) == 4) {
+      w[n] = __float_as_uint(x);
+    } else {
+      const uint32_t h = __bfloat16_as_ushort(__float2bfloat16(x));
+      w[n / 2] = n % 2 ? (w[n / 2] & 0xffffu) | (h << 16) : h;
+    }
+  }
+  __device__ __forceinline__ void store(F* dst) const {
+    if constexpr (kBytes >= 16) {
+#pragma unroll
+      for (int u = 0; u < kWords / 4; ++u)
+        reinterpret_cast<uint4*>(dst)[u] = make_uint4(w[4 * u], w[4 * u + 1], w[4 * u + 2], w[4 * u + 3]);
+    } else if constexpr (kBytes == 8) {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+    } else if constexpr (kBytes == 4) {
+      *reinterpret_cast<uint32_t*>(dst) = w[0];
+    } else {
+      *reinterpret_cast<unsigned short*>(dst) = static_cast<unsigned short>(w[0]);
     }
   }
 };
+
+// Which part of a chunk (CK tokens x W features starting at feature x0 of a [B,T,H,N] tensor) a thread moves:
+// E consecutive features of one token, so that a warp reads or writes whole rows with vector accesses.
+template <int W, int kThreads>
+struct ChunkSpot {
+  static constexpr int E = CK * W / kThreads, kPerToken = W / E;
+  static_assert(E >= 1 && CK * W % kThreads == 0 && W % E == 0, "a chunk must split evenly over the block");
+  __device__ __forceinline__ static int token() { return threadIdx.x / kPerToken; }
+  __device__ __forceinline__ static int feature() { return threadIdx.x % kPerToken * E; }
+};
+
+// One thread's share of a chunk of a [B,T,H,N] tensor (ChunkSpot), held in registers: loaded for the next chunk
+// while the current one is computed, so global latency stays off the sequential path; tokens past T read 0.
+template <int N, int W, int kThreads, typename F>
+struct ChunkShare {
+  using Spot = ChunkSpot<W, kThreads>;
+  static constexpr int E = Spot::E;
+  Packed<F, E> x;
+
+  __device__ __forceinline__ void load(const F* src, int bb, int t0, int L, int h, int T, int H, int x0 = 0) {
+    const int l = Spot::token();
+    if (l < L) x.load(src + seq_off(bb, t0 + l, h, T, H, N) + x0 + Spot::feature());
+    else x.zero();
+  }
+
+  // dst[l * stride + at(f)] = fn(value of (l, f)); `at` must map E consecutive features to consecutive places.
+  template <class At, class Fn>
+  __device__ __forceinline__ void store(float* dst, int stride, At at, Fn fn) const {
+    float* d = dst + Spot::token() * stride + at(Spot::feature());
+#pragma unroll
+    for (int n = 0; n < E; ++n) d[n] = fn(x.get(n));
+  }
+};
+
+// Writes this thread's share of a chunk's output rows (tokens < L) to a [B,T,H,N] tensor: value(l, f) for its
+// token l and E features f (ChunkSpot), with vector stores.
+template <int N, int W, int kThreads, typename F, class Val>
+__device__ __forceinline__ void write_chunk(F* dst, int bb, int t0, int L, int h, int T, int H, int x0, Val value) {
+  using Spot = ChunkSpot<W, kThreads>;
+  const int l = Spot::token(), f = Spot::feature();
+  if (l >= L) return;
+  Packed<F, Spot::E> out;
+#pragma unroll
+  for (int n = 0; n < Spot::E; ++n) out.set(n, value(l, f + n));
+  out.store(dst + seq_off(bb, t0 + l, h, T, H, N) + x0 + f);
+}
 
 // Blocks may need more than the default 48 KB of dynamic shared memory (head size 128).
 template <typename K> inline void allow_smem(K kernel, size_t bytes) {

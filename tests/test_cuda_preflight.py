@@ -173,7 +173,7 @@ def test_wkv56_kernel_choice_and_limits(monkeypatch):
 
 def test_wkv7_span_choice(monkeypatch):
     """span= picks the wkv7 Function (None: the auto rule; 0: the sequential kernels); a span that is no multiple of
-    64 or does not divide T is one clear line."""
+    64 or does not divide T is one clear line, and so is a forward grouping the kernels do not build."""
     from infctx.ops import cuda_wkv
 
     picked = []
@@ -187,6 +187,13 @@ def test_wkv7_span_choice(monkeypatch):
         with pytest.raises(ValueError) as err:
             cuda_wkv._wkv7(*[few] * 6, None, 0, span)
         assert f"span={span} must be 0" in one_line(err) and "T=4096" in str(err.value)
+    picked.clear()
+    cuda_wkv._wkv7(*[many] * 6, None, 0, None, 2)
+    assert picked == [("sequential", 2)]  # the sequential Function's last argument is groups
+    for groups in (3, 8, -1):
+        with pytest.raises(ValueError) as err:
+            cuda_wkv._wkv7(*[many] * 6, None, 0, None, groups)
+        assert f"groups={groups} must be 0 (auto) or one of 1, 2, 4 " in one_line(err)
 
 
 @pytest.mark.parametrize("version", [5, 6])

@@ -121,7 +121,7 @@ class TorchSpanExtension:
             sas.append(sa)
         return torch.stack(ys, 1), S, torch.stack(states, 1), torch.stack(sas, 1)
 
-    def transfer(self, r, w, k, v, a, b, u, p, q, split):
+    def transfer(self, r, w, k, v, a, b, u, p, q, split, groups):
         Bv, _, H, N = r.shape
         _, U, _, _ = self._run(r, w, k, v, a, b, torch.zeros(Bv, H, N, N))
         y, P, _, _ = self._run(r, w, k, torch.zeros_like(v), a, b, torch.eye(N).expand(Bv, H, N, N))
@@ -148,7 +148,7 @@ class TorchSpanExtension:
             G = G @ p[:, c].mT + V[:, c]
         return G
 
-    def forward(self, r, w, k, v, a, b, s0, y, sT, ckpt, sa, split):
+    def forward(self, r, w, k, v, a, b, s0, y, sT, ckpt, sa, split, groups):
         out, S, states, sas = self._run(r, w, k, v, a, b, s0)
         y.copy_(out), sT.copy_(S), sa.copy_(sas)
         ckpt.copy_(states[:, self.CK - 1::self.CK].permute(0, 2, 1, 3, 4))

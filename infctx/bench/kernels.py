@@ -57,13 +57,14 @@ def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0) -> 
 
 
 SPAN_SWEEP = (128, 256, 512, 1024)  # wkv7 span lengths timed by --sweep
+GROUPS_SWEEP = (1, 2, 4)  # wkv7 forward blocks per head timed by --sweep (sequential kernels)
 SWEEP = {7: ("s", "split", (2, 4, 8)), 6: ("r", "rows_per_block", (8, 16, 64)), 5: ("r", "rows_per_block", (8, 16, 64))}
 
 
-def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | None = None) -> Callable:
+def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | None = None, groups: int = 0) -> Callable:
     """Our kernel; tiling != 0 forces the tuning knob (wkv7: threads per state row, wkv5/6: rows per block of
     the sequential kernel); `kernel` picks wkv5/6's chunk-parallel or sequential kernel, `span` wkv7's span
-    length (None: auto, 0: the sequential kernels over the whole T)."""
+    length (None: auto, 0: the sequential kernels over the whole T), `groups` wkv7's forward blocks per head."""
     from infctx import ops
 
     op = ops.get_wkv(version, "cuda")
@@ -71,7 +72,7 @@ def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | Non
     if version != 7:
         knobs["kernel"] = "sequential" if tiling else kernel
     else:
-        knobs["span"] = span
+        knobs.update(span=span, groups=groups)
     return lambda x: op(*x.values(), **knobs)
 
 
@@ -199,6 +200,7 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
             variants["ours-seq"] = functools.partial(ours, span=0)
             if cfg.sweep:
                 variants.update({f"ours-L{n}": functools.partial(ours, span=n) for n in SPAN_SWEEP})
+                variants.update({f"ours-seq-g{n}": functools.partial(ours, span=0, groups=n) for n in GROUPS_SWEEP})
         if cfg.sweep:
             tag, _, values = SWEEP[version]
             variants.update({f"ours-{tag}{n}": functools.partial(ours, tiling=n) for n in values})

@@ -80,14 +80,14 @@ def _no_scratch(r: Tensor) -> Tensor:
     return torch.empty(0, device=r.device)
 
 
-def _forward7(ext, seq: list[Tensor], s0: Tensor, split: int) -> tuple[Tensor, ...]:
+def _forward7(ext, seq: list[Tensor], s0: Tensor, split: int, groups: int) -> tuple[Tensor, ...]:
     """The ordinary wkv7 forward kernel on [B,T,H,N] inputs (r, w, k, v, a, b) from s0: (y, sT, ckpt, sa)."""
     r = seq[0]
     B, T, H, N = r.shape
     y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
     ckpt = torch.empty(B, H, _chunks(ext, r), N, N, device=r.device)
     sa = torch.empty(B, T, H, N, device=r.device)
-    ext.forward(*seq, s0, y, sT, ckpt, sa, split)
+    ext.forward(*seq, s0, y, sT, ckpt, sa, split, groups)
     return y, sT, ckpt, sa
 
 
@@ -98,15 +98,16 @@ def _backward7(ext, seq: list[Tensor], dy: Tensor | None, dsT: Tensor | None, ck
     B, _, H, N = r.shape
     grads = [torch.empty_like(r) for _ in range(6)]
     ds0 = torch.empty(B, H, N, N, device=r.device)
-    ext.backward(*seq, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt, sa, *grads, ds0, split)
+    dy = _aligned(_grad_in(dy, r, r.dtype))
+    ext.backward(*seq, dy, _grad_in(dsT, ds0, torch.float32), ckpt, sa, *grads, ds0, split)
     return grads, ds0
 
 
 class _WKV7(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, split):
+    def forward(ctx, r, w, k, v, a, b, s0, split, groups):
         ext = load_extension(7, r.shape[3], r.device)
-        y, sT, ckpt, sa = _forward7(ext, [r, w, k, v, a, b], _state_in(s0, r), split)
+        y, sT, ckpt, sa = _forward7(ext, [r, w, k, v, a, b], _state_in(s0, r), split, groups)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
         ctx.has_s0, ctx.split = s0 is not None, split
         return y, sT
@@ -116,7 +117,7 @@ class _WKV7(torch.autograd.Function):
         *seq, ckpt, sa = ctx.saved_tensors
         ext = load_extension(7, seq[0].shape[3], seq[0].device)
         grads, ds0 = _backward7(ext, seq, dy, dsT, ckpt, sa, ctx.split)
-        return (*grads, ds0 if ctx.has_s0 else None, None)
+        return (*grads, ds0 if ctx.has_s0 else None, None, None)
 
 
 def _grads56(version: int, r: Tensor, w: Tensor) -> tuple[Tensor, ...]:
@@ -153,7 +154,7 @@ class _WKV56(torch.autograd.Function):
         r, w, k, v, u, ckpt = ctx.saved_tensors
         ext = load_extension(ctx.version, r.shape[3], r.device)
         dr, dw, dk, dv, du, ds0 = _grads56(ctx.version, r, w)
-        ext.backward(r, w, k, v, u, _grad_in(dy, r, r.dtype), _grad_in(dsT, ds0, torch.float32), ckpt,
+        ext.backward(r, w, k, v, u, _aligned(_grad_in(dy, r, r.dtype)), _grad_in(dsT, ds0, torch.float32), ckpt,
                      _no_scratch(r), dr, dw, dk, dv, du, ds0, ctx.rows)
         dw, du = _param_grads56(ctx.version, dw, du, w, u)
         return None, dr, dw, dk, dv, du, ds0 if ctx.has_s0 else None, None
@@ -168,18 +169,19 @@ class _WKV7Spans(torch.autograd.Function):
     tests/test_wkv7_span_math.py."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, split, span):
+    def forward(ctx, r, w, k, v, a, b, s0, split, groups, span):
         B, T, H, N = r.shape
         ns = T // span
         ext = load_extension(7, N, r.device)
         seq = [x.view(B * ns, span, H, N) for x in (r, w, k, v, a, b)]
         own, trans = (torch.empty(B, ns, H, N, N, device=r.device) for _ in range(2))
         q = torch.empty(B, T, H, N, device=r.device)
-        ext.transfer(*seq, own.view(B * ns, H, N, N), trans.view(B * ns, H, N, N), q.view(B * ns, span, H, N), split)
+        ext.transfer(*seq, own.view(B * ns, H, N, N), trans.view(B * ns, H, N, N), q.view(B * ns, span, H, N), split,
+                     groups)
         starts = torch.empty_like(own)
         ext.span_scan(_state_in(s0, r), trans, own, starts)
         del own
-        y, ends, ckpt, sa = _forward7(ext, seq, starts.view(B * ns, H, N, N), split)
+        y, ends, ckpt, sa = _forward7(ext, seq, starts.view(B * ns, H, N, N), split, groups)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa, trans, q)
         ctx.has_s0, ctx.split, ctx.span = s0 is not None, split, span
         return y.view(B, T, H, N), ends.view(B, ns, H, N, N)[:, -1].contiguous()
@@ -191,13 +193,18 @@ class _WKV7Spans(torch.autograd.Function):
         span = ctx.span
         ns = T // span
         ext = load_extension(7, N, r.device)
-        dy = _grad_in(dy, r, r.dtype)
+        dy = _aligned(_grad_in(dy, r, r.dtype))
         ends = torch.empty(B, ns, H, N, N, device=r.device)
         ext.span_scan_back(_grad_in(dsT, ends[:, 0], torch.float32), trans, q, dy, ends)
         seq = [x.view(B * ns, span, H, N) for x in (r, w, k, v, a, b, dy, sa)]
         grads, ds0 = _backward7(ext, seq[:6], seq[6], ends.view(B * ns, H, N, N), ckpt, seq[7], ctx.split)
         grads = [g.view(B, T, H, N) for g in grads]
-        return (*grads, ds0.view(B, ns, H, N, N)[:, 0].contiguous() if ctx.has_s0 else None, None, None)
+        return (*grads, ds0.view(B, ns, H, N, N)[:, 0].contiguous() if ctx.has_s0 else None, None, None, None)
+
+
+def forward_groups(N: int) -> tuple[int, ...]:
+    """The forward blocks per head the wkv7 kernels are built for (cuda/wkv7.cu with_groups)."""
+    return tuple(sorted({1, 2, 4, N // 16}))
 
 
 SPAN_MIN_BH = 128  # B*H at which one block per head already fills the GPU: no span path (auto)
@@ -215,30 +222,35 @@ def auto_span(B: int, T: int, H: int) -> int:
     return next((L for L in fits if B * H * (T // L) >= SPAN_TARGET_ROWS), fits[-1] if fits else 0)
 
 
-def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-              s0: Tensor | None = None, *, split: int = 0, span: int | None = None) -> tuple[Tensor, Tensor]:
-    """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math. `split` = threads that share one
-    state row/column (0 = the measured default: 2 for N=64, 4 for N=128; else 2, 4 or 8): a tuning knob, every
-    value gives the same result. `span` = tokens per span of the span path for long T with few heads (None: the
-    rule of `auto_span`; 0: off; else a multiple of 64 that divides T)."""
+def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor | None = None, *,
+              split: int = 0, groups: int = 0, span: int | None = None) -> tuple[Tensor, Tensor]:
+    """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math. Tuning knobs (every value gives the
+    same result): `split` = threads that share one state row/column (0 = the measured default: 2 for N=64, 4 for
+    N=128; else 2, 4 or 8); `groups` = forward blocks per head (0 = by B*H; else 1, 2, 4 or N/16); `span` = tokens
+    per span of the span path for long T with few heads (None: the rule of `auto_span`; 0: off; else a multiple
+    of 64 that divides T)."""
     validate_inputs(7, dict(r=r, w=w, k=k, v=v, a=a, b=b), {}, s0)
-    return _wkv7(r, w, k, v, a, b, s0, split, span)
+    return _wkv7(r, w, k, v, a, b, s0, split, span, groups)
 
 
 def _wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor | None, split: int,
-          span: int | None) -> tuple[Tensor, Tensor]:
+          span: int | None, groups: int = 0) -> tuple[Tensor, Tensor]:
     """The span path or the sequential kernels over the whole T, by `span` (see wkv7_cuda)."""
-    B, T, H, _ = r.shape
+    B, T, H, N = r.shape
     span = auto_span(B, T, H) if span is None else span
     if span < 0 or span % 64 or (span and T % span):
         raise ValueError(f"wkv7 cuda: span={span} must be 0 (off) or a multiple of 64 that divides T={T}")
+    if groups not in (0, *forward_groups(N)):
+        raise ValueError(f"wkv7 cuda: groups={groups} must be 0 (auto) or one of "
+                         f"{', '.join(map(str, forward_groups(N)))} (forward blocks per head)")
+    seq = [_aligned(x) for x in (r, *_like_r(r, w, k, v, a, b))]
     if span:
-        return _WKV7Spans.apply(r, *_like_r(r, w, k, v, a, b), s0, split, span)
-    return _WKV7.apply(r, *_like_r(r, w, k, v, a, b), s0, split)
+        return _WKV7Spans.apply(*seq, s0, split, groups, span)
+    return _WKV7.apply(*seq, s0, split, groups)
 
 
 def _aligned(t: Tensor) -> Tensor:
-    """The chunked kernels read rows 16 bytes at a time; a view that starts mid-row gets copied."""
+    """The kernels read rows 16 bytes at a time; a view that starts mid-row gets copied."""
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
@@ -256,7 +268,6 @@ class _WKV56Chunked(torch.autograd.Function):
         states = torch.empty(B, H, nc, N, N, device=r.device)
         decay = torch.empty(B, H, nc, N, device=r.device)
         scores = torch.empty(B, H, nc, ext.chunk_len(), ext.chunk_len(), device=r.device)
-        r, k, v = (_aligned(x) for x in (r, k, v))
         ext.forward_chunked(r, w, k, v, u, _state_in(s0, r), y, sT, states, decay, scores)
         ctx.save_for_backward(r, w, k, v, u, states, decay, scores)
         ctx.version, ctx.has_s0 = version, s0 is not None
@@ -281,12 +292,15 @@ def _wkv56(version: int, r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, 
     if rows_per_block and kernel != "sequential":
         raise ValueError(f"wkv{version} cuda: rows_per_block={rows_per_block} tiles the sequential kernel only; "
                          "pass kernel='sequential' with it")
+    r, k, v = (_aligned(x) for x in (r, *_like_r(r, k, v)))
+    w, u = _like_r(r, w, u)
+    w = _aligned(w) if version == 6 else w
     if kernel == "sequential":
-        return _WKV56.apply(version, r, *_like_r(r, w, k, v, u), s0, rows_per_block)
+        return _WKV56.apply(version, r, w, k, v, u, s0, rows_per_block)
     if r.shape[0] * r.shape[2] > MAX_CHUNKED_HEADS:
         raise ValueError(f"wkv{version} cuda: B*H = {r.shape[0] * r.shape[2]} exceeds {MAX_CHUNKED_HEADS} (the chunked "
                          "kernel's grid height); use a smaller batch or kernel='sequential'")
-    return _WKV56Chunked.apply(version, r, *_like_r(r, w, k, v, u), s0)
+    return _WKV56Chunked.apply(version, r, w, k, v, u, s0)
 
 
 def wkv6_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, u: Tensor, s0: Tensor | None = None, *,

@@ -133,6 +133,41 @@ def test_wkv7_every_split(shape, split):
     check_against_reference(7, *shape, N=64, dtype=torch.bfloat16, knob={"split": split})
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(2, 37, 3), (4, 33, 64)], ids=lambda s: "B{}T{}H{}".format(*s))
+def test_wkv7_every_forward_grouping(shape, groups):
+    """Each forward grouping (blocks per head), forced where the auto rule picks another (B*H = 6: 4, 256: 1)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_reference(7, *shape, N=64, dtype=dtype, knob={"groups": groups, "span": 0})
+
+
+def off_by_one_element(x: torch.Tensor) -> torch.Tensor:
+    """x's values in a view that starts one element into its buffer (not 16-byte aligned); differentiable."""
+    buf = torch.zeros(x.numel() + 1, dtype=x.dtype, device=x.device)
+    return torch.cat([buf[:1], x.flatten()])[1:].view(x.shape)
+
+
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_inputs_that_start_mid_row(version):
+    """The kernels read rows as 16-byte vectors: inputs (and the incoming gradient) that start mid-row are copied
+    first, with the same result."""
+    B, T, H, N = 2, 40, 3, 64
+    inputs = make_inputs(version, B, T, H, N, torch.bfloat16, seed=21)
+    assert off_by_one_element(inputs["r"]).data_ptr() % 16 != 0
+    g = torch.Generator(device="cuda").manual_seed(22)
+    gy, gs = torch.randn(B, T, H, N, generator=g, device="cuda"), torch.randn(B, H, N, N, generator=g, device="cuda")
+    op = ops.get_wkv(version, "cuda")
+
+    def shifted(*xs):
+        y, sT = op(*[off_by_one_element(x) if x.dim() == 4 and x.shape[1] == T else x for x in xs])
+        return off_by_one_element(y), sT
+
+    got, ref = run(shifted, inputs, gy, gs), run(op, inputs, gy, gs)
+    tol = 0.0 if version == 7 else 1e-3  # wkv5/6 sum du (and wkv5's dw) with atomics, in no fixed order
+    errors = {name: rel_rms(got[name], ref[name]) for name in ref}
+    assert all(e <= tol for e in errors.values()), errors
+
+
 @pytest.mark.parametrize("split", [0, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 45, 2), (2, 5, 128)], ids=lambda s: "B{}T{}H{}".format(*s))
