@@ -38,32 +38,34 @@ void check_inputs(const Tensor& r, const Tensor& w, const Tensor& k, const Tenso
   check_param(r, u);
 }
 
-// wkv5's dw is an fp32 [B,H,N] sum per (b, h); wkv6's is [B,T,H,N] of the input dtype.
-void check_dw(const Tensor& r, const Tensor& dw) {
+// wkv5's dw is an fp32 [B,H,N] sum per (b, h); wkv6's is [B,T,H,N] of the input dtype. du is always the former.
+void check_dw_du(const Tensor& r, const Tensor& dw, const Tensor& du) {
+  const wkv::Sizes n(r, wkv::CK);
   if (kTimeDecay) wkv::check_seq(r, {dw}, WKV_N);
-  else wkv::check_f32({dw});
+  else wkv::check_f32_numel({dw}, n.per_head(), "wkv5's dw [B,H,N]");
+  wkv::check_f32_numel({du}, n.per_head(), "du [B,H,N]");
+}
+
+void check_states(const Tensor& r, std::initializer_list<Tensor> states) {
+  wkv::check_f32_numel(states, wkv::Sizes(r, wkv::CK).state(), "the state [B,H,N,N]");
 }
 
 void forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT, Tensor ckpt,
              int rows) {
   check_inputs(r, w, k, v, u, {y});
-  wkv::check_f32({s0, sT, ckpt});
+  check_states(r, {s0, sT});
+  wkv::check_f32_numel({ckpt}, wkv::Sizes(r, wkv::CK).ckpt(), "the checkpoints [B,H,ceil(T/16),N,N]");
   WKV_ENTRY(forward_cuda)(r, w, k, v, u, s0, y, sT, ckpt, rows);
 }
 
 void backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tensor dsT, Tensor ckpt, Tensor scratch,
               Tensor dr, Tensor dw, Tensor dk, Tensor dv, Tensor du, Tensor ds0, int rows) {
   check_inputs(r, w, k, v, u, {dy, dr, dk, dv});
-  check_dw(r, dw);
-  wkv::check_f32({dsT, ckpt, scratch, du, ds0});
+  check_dw_du(r, dw, du);
+  check_states(r, {dsT, ds0});
+  wkv::check_f32_numel({ckpt}, wkv::Sizes(r, wkv::CK).ckpt(), "the checkpoints [B,H,ceil(T/16),N,N]");
+  wkv::check_f32({scratch});
   WKV_ENTRY(backward_cuda)(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0, rows);
-}
-
-// The chunked kernels load rows of r, k, v, dy 16 bytes at a time.
-void check_aligned(std::initializer_list<Tensor> ts) {
-  for (const auto& t : ts)
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
-                WKV_LABEL ": chunked kernels need 16-byte aligned r, k, v, dy (clone the tensor)");
 }
 
 // Workspaces: states [B,H,nc,N,N], decay [B,H,nc,N], scores [B,H,nc,16,16] (nc = ceil(T/16)).
@@ -78,9 +80,8 @@ void check_workspaces(const Tensor& r, const Tensor& states, const Tensor& decay
 void forward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT,
                      Tensor states, Tensor decay, Tensor scores) {
   check_inputs(r, w, k, v, u, {y});
-  wkv::check_f32({s0, sT});
+  check_states(r, {s0, sT});
   check_workspaces(r, states, decay, scores);
-  check_aligned({r, k, v});
   WKV_ENTRY(forward_chunked_cuda)(r, w, k, v, u, s0, y, sT, states, decay, scores);
 }
 
@@ -88,10 +89,10 @@ void backward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor d
                       Tensor decay, Tensor scores, Tensor dstates, Tensor dr, Tensor dw, Tensor dk, Tensor dv,
                       Tensor du, Tensor ds0) {
   check_inputs(r, w, k, v, u, {dy, dr, dk, dv});
-  check_dw(r, dw);
-  wkv::check_f32({dsT, dstates, du, ds0});
+  check_dw_du(r, dw, du);
+  check_states(r, {dsT, ds0});
+  wkv::check_f32({dstates});
   check_workspaces(r, states, decay, scores);
-  check_aligned({r, k, v, dy});
   TORCH_CHECK(dstates.numel() == states.numel(), WKV_LABEL ": dstates must be shaped like states");
   WKV_ENTRY(backward_chunked_cuda)(r, w, k, v, u, dy, dsT, states, decay, scores, dstates, dr, dw, dk, dv, du,
                                     ds0);

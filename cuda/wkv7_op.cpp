@@ -27,11 +27,20 @@ static void check_spans(const torch::Tensor& x0, std::initializer_list<torch::Te
   for (const auto& t : mats) TORCH_CHECK(t.sizes() == p.sizes(), "wkv7 span: every span matrix must be [B,ns,H,N,N]");
 }
 
+// States (or their gradients) [B,H,N,N], end-of-chunk checkpoints [B,H,nc,N,N], sa_t [B,T,H,N], all fp32.
+static void check_buffers(const torch::Tensor& r, std::initializer_list<torch::Tensor> states,
+                          const torch::Tensor& ckpt, const torch::Tensor& sa) {
+  const wkv::Sizes n(r, wkv::CK);
+  wkv::check_f32_numel(states, n.state(), "the state [B,H,N,N]");
+  wkv::check_f32_numel({ckpt}, n.ckpt(), "the checkpoints [B,H,ceil(T/16),N,N]");
+  wkv::check_f32_numel({sa}, n.per_token(), "sa [B,T,H,N]");
+}
+
 static void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                     torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
                     torch::Tensor sa, int split, int groups) {
   wkv::check_seq(r, {r, w, k, v, a, b, y}, WKV_N);
-  wkv::check_f32({s0, sT, ckpt, sa});
+  check_buffers(r, {s0, sT}, ckpt, sa);
   wkv7_forward_cuda(r, w, k, v, a, b, s0, y, sT, ckpt, sa, split, groups);
 }
 
@@ -40,7 +49,7 @@ static void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::T
                      torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
                      torch::Tensor db, torch::Tensor ds0, int split) {
   wkv::check_seq(r, {r, w, k, v, a, b, dy, dr, dw, dk, dv, da, db}, WKV_N);
-  wkv::check_f32({dsT, ckpt, sa, ds0});
+  check_buffers(r, {dsT, ds0}, ckpt, sa);
   wkv7_backward_cuda(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
 }
 

@@ -24,4 +24,22 @@ inline void check_f32(std::initializer_list<torch::Tensor> ts) {
                 "wkv: state/workspace tensors must be contiguous fp32 CUDA tensors");
 }
 
+// The kernels index fp32 buffers from the sequence's shape [B,T,H,N], so each must hold exactly its share.
+struct Sizes {
+  int64_t B, T, H, N, nc;  // nc = chunks of CK tokens (one checkpoint each)
+  explicit Sizes(const torch::Tensor& r, int64_t ck)
+      : B(r.size(0)), T(r.size(1)), H(r.size(2)), N(r.size(3)), nc((r.size(1) + ck - 1) / ck) {}
+  int64_t state() const { return B * H * N * N; }       // [B,H,N,N]
+  int64_t ckpt() const { return B * H * nc * N * N; }   // [B,H,nc,N,N]
+  int64_t per_token() const { return B * T * H * N; }   // [B,T,H,N]
+  int64_t per_head() const { return B * H * N; }        // [B,H,N]
+};
+
+inline void check_f32_numel(std::initializer_list<torch::Tensor> ts, int64_t numel, const char* what) {
+  check_f32(ts);
+  for (const auto& t : ts)
+    TORCH_CHECK(t.numel() == numel, "wkv: ", what, " must hold ", numel, " fp32 elements for this input, not ",
+                t.numel());
+}
+
 }  // namespace wkv

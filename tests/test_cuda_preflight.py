@@ -147,24 +147,32 @@ def test_doctor_reference_check_harness(version):
 
 
 def test_wkv56_kernel_choice_and_limits(monkeypatch):
-    """kernel= picks the wkv5/6 Function; an unknown name or a B*H beyond the chunked grid is one clear line."""
+    """kernel= picks the wkv5/6 Function ("auto": sequential below one 16-token chunk); an unknown name or a B*H
+    beyond the chunked grid is one clear line."""
     from infctx.ops import cuda_wkv
 
     picked = []
     monkeypatch.setattr(cuda_wkv._WKV56, "apply", lambda *a: picked.append("sequential"))
     monkeypatch.setattr(cuda_wkv._WKV56Chunked, "apply", lambda *a: picked.append("chunked"))
     x, u = torch.zeros(1, 4, 2, 64), torch.zeros(2, 64)
+    long = torch.zeros(1, 16, 2, 64)
     for kernel in ("chunked", "sequential"):
         cuda_wkv._wkv56(6, x, x, x, x, u, None, 0, kernel)
-    assert picked == ["chunked", "sequential"]
+    cuda_wkv._wkv56(6, x, x, x, x, u, None, 0, "auto")  # T = 4 < one chunk
+    cuda_wkv._wkv56(6, long, long, long, long, u, None, 0, "auto")  # T = 16
+    cuda_wkv._wkv56(6, long, long, long, long, u, None, 8, "auto")  # rows_per_block asks for the sequential kernel
+    assert picked == ["chunked", "sequential", "sequential", "chunked", "sequential"]
     with pytest.raises(ValueError) as err:
         cuda_wkv._wkv56(6, x, x, x, x, u, None, 0, "fast")
-    assert "kernel='fast'" in one_line(err) and "chunked, sequential" in str(err.value)
+    assert "kernel='fast'" in one_line(err) and "auto, chunked, sequential" in str(err.value)
     wide = torch.zeros(1, 1, cuda_wkv.MAX_CHUNKED_HEADS + 1, 64)
     with pytest.raises(ValueError) as err:
         cuda_wkv._wkv56(6, wide, wide, wide, wide, torch.zeros(wide.shape[2:]), None, 0, "chunked")
     assert "B*H = 65536" in one_line(err) and "kernel='sequential'" in str(err.value)
     cuda_wkv._wkv56(6, wide, wide, wide, wide, torch.zeros(wide.shape[2:]), None, 0, "sequential")
+    assert picked[-1] == "sequential"
+    wide_long = torch.zeros(1, 16, cuda_wkv.MAX_CHUNKED_HEADS + 1, 64)
+    cuda_wkv._wkv56(6, *[wide_long] * 4, torch.zeros(wide.shape[2:]), None, 0, "auto")  # beyond the grid: sequential
     assert picked[-1] == "sequential"
     with pytest.raises(ValueError) as err:
         cuda_wkv._wkv56(6, x, x, x, x, u, None, 16, "chunked")

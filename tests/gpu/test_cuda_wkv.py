@@ -168,6 +168,37 @@ def test_inputs_that_start_mid_row(version):
     assert all(e <= tol for e in errors.values()), errors
 
 
+@pytest.mark.parametrize("version", [5, 6, 7])
+def test_bindings_refuse_wrong_buffer_sizes(version):
+    """A direct call into the extension with a state or checkpoint buffer of the wrong size is refused with one
+    line (the kernels index those buffers from the input's shape); the right sizes run."""
+    from infctx.ops.cuda_build import load_extension
+
+    B, T, H, N = 2, 20, 2, 64
+    x = make_inputs(version, B, T, H, N, torch.float32, seed=1)
+    ext = load_extension(version, N, x["r"].device)
+    nc = -(-T // ext.chunk_len())
+    f32 = lambda *shape: torch.zeros(*shape, device="cuda")  # noqa: E731
+    y, ckpt, short_state = torch.empty_like(x["r"]), f32(B, H, nc, N, N), f32(B, H, N, N - 1)
+    seq = [x[n] for n in (("r", "w", "k", "v", "a", "b") if version == 7 else ("r", "w", "k", "v", "u"))]
+    if version == 7:
+        def call(s0, ck):
+            ext.forward(*seq, s0, y, f32(B, H, N, N), ck, f32(B, T, H, N), 0, 0)
+    else:
+        def call(s0, ck):
+            ext.forward(*seq, s0, y, f32(B, H, N, N), ck, 0)
+    call(x["s0"], ckpt)
+    with pytest.raises(RuntimeError, match="the state"):
+        call(short_state, ckpt)
+    with pytest.raises(RuntimeError, match="the checkpoints"):
+        call(x["s0"], ckpt[:, :, 1:].contiguous())
+    if version != 7:
+        ck = ext.chunk_len()
+        with pytest.raises(RuntimeError, match="the state"):
+            ext.forward_chunked(*seq, short_state, y, f32(B, H, N, N), f32(B, H, nc, N, N), f32(B, H, nc, N),
+                                f32(B, H, nc, ck, ck))
+
+
 @pytest.mark.parametrize("split", [0, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 45, 2), (2, 5, 128)], ids=lambda s: "B{}T{}H{}".format(*s))
