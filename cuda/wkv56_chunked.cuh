@@ -278,6 +278,7 @@ __device__ __forceinline__ void column_dots(const float (*S)[SP], const float (*
 // is summed from terms that each carry their own decay, so a decay near 0 gives a gradient near 0 without
 // cancellation: dlw_s = sum_{t>s} r_t e^{Bx_t} (S^T dy_t) + sum_{s'<s} k_s' e^{Bt-Bx_{s'+1}} (dS_end^T v_s')
 //                      + e^{Bt} sum_i S dS_end + sum_{t>s>s'} G[t,s'] r_t k_s' e^{Bx_t-Bx_{s'+1}}.
+// du and wkv5's dw_head get this chunk's share only, [B,H,nc,N].
 template <typename F>
 __global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* __restrict__ r_,
     const F* __restrict__ w_, const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ u_,
@@ -397,8 +398,9 @@ __global__ void __launch_bounds__(kThreads) chunk_grads(int T, int H, const F* _
       acc_u += sm.r[s][x] * sm.k[s][x] * sm.G[s][s];
       after += v[s][x];  // r_in
     }
-    atomicAdd(&du[int64_t(bh) * N + x], acc_u);
-    if (!kTimeDecay) atomicAdd(&dw_head[int64_t(bh) * N + x], head_w);
+    const int64_t part = (int64_t(bh) * nc + q.c) * N + x;  // this chunk's share; summed over chunks by the host
+    du[part] = acc_u;
+    if (!kTimeDecay) dw_head[part] = head_w;
   }
 }
 
@@ -432,23 +434,26 @@ void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
 }
 
 // dw: [B,T,H,N] of the input dtype (wkv6) or fp32 [B,H,N] per-(b,h) sums (wkv5); du: fp32 [B,H,N];
-// dstates: fp32 workspace shaped like states.
+// dstates: fp32 workspace shaped like states. The per-(b,h) sums come from per-chunk shares summed in a fixed order
+// (no atomics), so they are the same bits on every run.
 template <typename F>
 void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u, torch::Tensor dy,
               torch::Tensor dsT, torch::Tensor states, torch::Tensor decay, torch::Tensor scores, torch::Tensor dstates,
               torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor du,
               torch::Tensor ds0) {
-  const int B = r.size(0), T = r.size(1), H = r.size(2);
-  du.zero_();
-  if (!kTimeDecay) dw.zero_();
+  const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + C - 1) / C;
+  auto du_parts = torch::empty({B, H, nc, N}, du.options());
+  auto dw_parts = kTimeDecay ? torch::Tensor() : torch::empty({B, H, nc, N}, du.options());
   state_pass<F, true>(B, T, H, cptr<F>(dy), cptr<F>(r), cptr<F>(w), dstates, decay, dsT, ds0);
   auto grads = chunk_grads<F>;
   wkv::allow_smem(grads, sizeof(GradSmem));
   grads<<<chunk_grid(T, B * H), kThreads, sizeof(GradSmem), c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r),
       cptr<F>(w), cptr<F>(k), cptr<F>(v), cptr<F>(u), cptr<F>(dy), states.data_ptr<float>(), scores.data_ptr<float>(),
-      dstates.data_ptr<float>(), mptr<F>(dr), kTimeDecay ? mptr<F>(dw) : nullptr, mptr<F>(dk), mptr<F>(dv), du.data_ptr<float>(),
-      kTimeDecay ? nullptr : dw.data_ptr<float>());
+      dstates.data_ptr<float>(), mptr<F>(dr), kTimeDecay ? mptr<F>(dw) : nullptr, mptr<F>(dk), mptr<F>(dv),
+      du_parts.data_ptr<float>(), kTimeDecay ? nullptr : dw_parts.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  du.copy_(du_parts.sum(2));
+  if (!kTimeDecay) dw.copy_(dw_parts.sum(2));
 }
 
 }  // namespace wkv56c
