@@ -36,8 +36,7 @@ SOURCES = {7: ("wkv7.cu", "wkv7_op.cpp"), 6: ("wkv6.cu", "wkv6_op.cpp"), 5: ("wk
 HEADERS = ("wkv_common.cuh", "wkv_check.h", "wkv56_kernels.cuh", "wkv56_chunked.cuh", "wkv56_bind.h")
 HEAD_SIZES = {5: (64,), 6: (64,), 7: (64, 128)}
 MIN_CAPABILITY = (8, 0)  # bf16 arithmetic
-# The language standard is torch's own (cpp_extension passes -std=c++20): its headers are written for it, and a
-# binding built as C++17 crashed the process when one of its checks threw (H200, torch 2.11, 2026-12-01).
+# The language standard is torch's own (cpp_extension passes -std=c++20, which its headers are written for).
 NVCC_FLAGS = ("-O3", "--extra-device-vectorization", "-Xptxas=-O3")
 HOST_FLAGS = ("-O3",)
 
