@@ -198,8 +198,19 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
 // Backward: grid B*H blocks of N*P threads; thread (i, p) holds the entries j = p*M + q (q < M = N/P) of
 //   Sc = column i of S,  dR = row i of dS,  dC = column i of dS.
 // Shared per chunk: 9 sliced input vectors (decay, not w) + dsa; raw w and 6 staged gradients as plain CK x N;
-// the chunk's checkpoint (N x N), copied in asynchronously while the chunk after it is computed.
+// where it fits (BwdSmem), the chunk's checkpoint (N x N), copied in asynchronously while the chunk after it is
+// computed; elsewhere each thread reads its column of the checkpoint from global memory at the chunk's start.
 constexpr int kBwdSliced = 10, kBwdPlain = 7;
+
+template <int N, int P>
+struct BwdSmem {
+  static constexpr size_t kBase = size_t(CK) * (kBwdSliced * Sliced<N, P>::kStride + kBwdPlain * N) * sizeof(float);
+  static constexpr size_t kCkpt = size_t(N) * N * sizeof(float);
+  // Staged only within the smallest opt-in limit of the GPUs we build for (99 KB, sm_86/sm_89), so that no GPU
+  // loses the kernel to it: N = 64 with P = 2 or 4 (90.75 / 95.9 KB).
+  static constexpr bool kStagedCkpt = kBase + kCkpt <= 99 * 1024;
+  static constexpr size_t kBytes = kBase + (kStagedCkpt ? kCkpt : 0);
+};
 
 __device__ __forceinline__ void copy16_async(float* dst_smem, const float* src) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
@@ -252,23 +263,26 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
     next.dy.load(dy, bb, t0, L, h, T, H);
     next.sa_t.load(sa_in, bb, t0, L, h, T, H);
   };
-  auto fetch_ckpt = [&](int c) {  // S at the end of chunk c -> sck
-    const float* cp = ckpt + (int64_t(bh) * nc + c) * N * N;
+  constexpr bool kStaged = BwdSmem<N, P>::kStagedCkpt;
+  auto ckpt_of = [&](int c) { return ckpt + (int64_t(bh) * nc + c) * N * N; };  // S at the end of chunk c
+  auto fetch_ckpt = [&](int c) {  // -> sck, in flight until wait_copies
+    if constexpr (kStaged) {
+      static_assert(N * N / 4 % kThreads == 0, "the checkpoint copy must split evenly");
 #pragma unroll
-    for (int n = 0; n < N * N / 4 / kThreads; ++n) {
-      const int e = threadIdx.x + n * kThreads, row = e / (N / 4), col = e % (N / 4) * 4;
-      copy16_async(sck + ckpt_at<N, P>(row, col), cp + row * N + col);
+      for (int n = 0; n < N * N / 4 / kThreads; ++n) {
+        const int e = threadIdx.x + n * kThreads, row = e / (N / 4), col = e % (N / 4) * 4;
+        copy16_async(sck + ckpt_at<N, P>(row, col), ckpt_of(c) + row * N + col);
+      }
     }
   };
-  static_assert(N * N / 4 % kThreads == 0, "the checkpoint copy must split evenly");
   prefetch((nc - 1) * CK);
   fetch_ckpt(nc - 1);
   for (int c = nc - 1; c >= 0; --c) {
     const int t0 = c * CK, L = min(CK, T - t0);
-    wait_copies();
+    if constexpr (kStaged) wait_copies();
     __syncthreads();  // the checkpoint has landed; the previous chunk's gradients are written out
 #pragma unroll
-    for (int q = 0; q < M; ++q) Sc[q] = sck[ckpt_at<N, P>(p * M + q, i)];
+    for (int q = 0; q < M; ++q) Sc[q] = kStaged ? sck[ckpt_at<N, P>(p * M + q, i)] : ckpt_of(c)[(p * M + q) * N + i];
     next.store(sr, sd, sk, sv, sa, sb, VS, Lay::at, &sw[0][0]);
     next.dy.store(sdy, VS, Lay::at, ident);
     next.sa_t.store(ssa, VS, Lay::at, ident);
@@ -532,7 +546,7 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
   const int B = r.size(0), T = r.size(1), H = r.size(2);
   with_split(split, [&](auto pc) {
     constexpr int N = WKV_N, P = decltype(pc)::value;
-    const size_t smem = (size_t(CK) * (kBwdSliced * Sliced<N, P>::kStride + kBwdPlain * N) + N * N) * sizeof(float);
+    const size_t smem = BwdSmem<N, P>::kBytes;
     auto kern = bwd_kernel<F, N, P>;
     wkv::allow_smem(kern, smem);
     kern<<<B * H, N * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k),

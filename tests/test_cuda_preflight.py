@@ -45,6 +45,21 @@ def test_gpu_without_bf16():
     assert "Tesla T4 is sm_75" in one_line(err) and "sm_80" in str(err.value)
 
 
+def test_shared_memory_check():
+    """wkv7 with head size 128 needs 146 KiB of shared memory per block: fine on an A100 (163 KiB) or H100
+    (227 KiB), one line on an RTX 4090 (99 KiB); head size 64 and unknown limits pass."""
+    from infctx.ops import cuda_build as cb
+
+    cb.check_shared_memory(7, 128, 163 * 1024)
+    cb.check_shared_memory(7, 64, 99 * 1024)
+    cb.check_shared_memory(6, 64, 48 * 1024)
+    cb.check_shared_memory(7, 128, None)
+    with pytest.raises(cb.CudaBuildError) as err:
+        cb.check_shared_memory(7, 128, 99 * 1024, "NVIDIA GeForce RTX 4090")
+    assert one_line(err) and "needs 146 KiB" in str(err.value) and "RTX 4090 allows 99 KiB" in str(err.value)
+
+
+
 def test_ninja_missing():
     cb.check_ninja(True)
     with pytest.raises(cb.CudaBuildError) as err:

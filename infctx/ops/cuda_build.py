@@ -86,6 +86,19 @@ def check_capability(capability: tuple[int, int], name: str = "this GPU") -> Non
                              "(sm_80 or newer: A100, H100, RTX 30xx+); use wkv_backend='torch'")
 
 
+# Shared memory per block the largest kernel of a (version, head size) asks for (cuda/wkv7.cu: the backward with
+# the default split; wkv5/6 and wkv7 N=64 fit the 99 KiB of every sm_80+ GPU).
+SMEM_NEEDED = {(7, 128): 149_504}
+
+
+def check_shared_memory(version: int, head_size: int, optin_bytes: int | None, name: str = "this GPU") -> None:
+    need = SMEM_NEEDED.get((version, head_size))
+    if need and optin_bytes is not None and optin_bytes < need:
+        raise CudaBuildError(f"wkv cuda: wkv{version} with head size {head_size} needs {need // 1024} KiB of shared "
+                             f"memory per block and {name} allows {optin_bytes // 1024} KiB; use head size 64 or "
+                             "wkv_backend='torch'")
+
+
 def check_ninja(available: bool) -> None:
     if not available:
         raise CudaBuildError("wkv cuda: ninja is missing; `pip install ninja` (torch builds extensions with it)")
@@ -119,8 +132,10 @@ def preflight(version: int, head_size: int, device: torch.device | None = None) 
         raise CudaBuildError("wkv cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
                              "use wkv_backend='torch' on this machine")
     device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
-    capability = torch.cuda.get_device_capability(device)
-    check_capability(capability, torch.cuda.get_device_name(device))
+    capability, name = torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device)
+    check_capability(capability, name)
+    props = torch.cuda.get_device_properties(device)
+    check_shared_memory(version, head_size, getattr(props, "shared_memory_per_block_optin", None), name)
     nvcc = find_nvcc()
     check_nvcc(nvcc)
     check_toolkit_matches(nvcc_version(nvcc), torch.version.cuda)
