@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from infctx import ops
 from infctx.ops._chunk import from_chunks, to_chunks
 from infctx.ops._common import wkv7_log_decay
+from test_wkv7_span_math import inputs  # the same float64 model-range inputs (a = -kappa, b = kappa * alpha)
 
 
 def chunk_terms(lw, r, k, v, a, b):
@@ -108,14 +109,6 @@ def chunked_backward(r, w, k, v, a, b, s0, dy, dsT, L):
     return out
 
 
-def random_inputs(B, T, H, N, seed):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
-    kappa = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
-    return dict(r=rnd(B, T, H, N, scale=0.5), w=rnd(B, T, H, N, scale=1.5) - 0.5, k=rnd(B, T, H, N, scale=0.5),
-                v=rnd(B, T, H, N), a=-kappa, b=kappa * torch.sigmoid(rnd(B, T, H, N)), s0=rnd(B, H, N, N, scale=0.3))
-
-
 def upstream(B, T, H, N, seed):
     """Random incoming gradients of y and of the final state."""
     g = torch.Generator().manual_seed(seed)
@@ -127,7 +120,7 @@ def upstream(B, T, H, N, seed):
 def test_hand_backward_matches_autograd_of_the_oracle(T, L):
     """Forward (y, sT) and every gradient, ds0 included with a random dsT, within 1e-10 of float64 autograd through
     the per-token recurrence."""
-    x = random_inputs(2, T, 3, 8, seed=T)
+    x = inputs(2, T, 3, 8, seed=T)
     dy, dsT = upstream(2, T, 3, 8, seed=100 + T)
     leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
     y_ref, sT_ref = ops.wkv7_naive(*leaves.values())
@@ -143,7 +136,7 @@ def test_hand_backward_matches_autograd_of_the_oracle(T, L):
 def test_a_wrong_term_is_caught():
     """The check has teeth: dropping the state-gradient path through the end factors (b_end dS_end^T in dU) moves
     the gradients far outside the tolerance."""
-    x = random_inputs(1, 24, 2, 8, seed=3)
+    x = inputs(1, 24, 2, 8, seed=3)
     dy, dsT = upstream(1, 24, 2, 8, seed=4)
     good = chunked_backward(*x.values(), dy, dsT, 8)
     bad = chunked_backward(*x.values(), dy, torch.zeros_like(dsT), 8)
