@@ -40,21 +40,18 @@ void check_inputs(const Tensor& r, const Tensor& w, const Tensor& k, const Tenso
 
 // wkv5's dw is an fp32 [B,H,N] sum per (b, h); wkv6's is [B,T,H,N] of the input dtype. du is always the former.
 void check_dw_du(const Tensor& r, const Tensor& dw, const Tensor& du) {
-  const wkv::Sizes n(r, wkv::CK);
+  const wkv::Sizes n(r);
   if (kTimeDecay) wkv::check_seq(r, {dw}, WKV_N);
   else wkv::check_f32_numel({dw}, n.per_head(), "wkv5's dw [B,H,N]");
   wkv::check_f32_numel({du}, n.per_head(), "du [B,H,N]");
 }
 
-void check_states(const Tensor& r, std::initializer_list<Tensor> states) {
-  wkv::check_f32_numel(states, wkv::Sizes(r, wkv::CK).state(), "the state [B,H,N,N]");
-}
 
 void forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT, Tensor ckpt,
              int rows) {
   check_inputs(r, w, k, v, u, {y});
-  check_states(r, {s0, sT});
-  wkv::check_f32_numel({ckpt}, wkv::Sizes(r, wkv::CK).ckpt(), "the checkpoints [B,H,ceil(T/16),N,N]");
+  wkv::check_states(r, {s0, sT});
+  wkv::check_checkpoints(r, ckpt);
   WKV_ENTRY(forward_cuda)(r, w, k, v, u, s0, y, sT, ckpt, rows);
 }
 
@@ -62,8 +59,8 @@ void backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tenso
               Tensor dr, Tensor dw, Tensor dk, Tensor dv, Tensor du, Tensor ds0, int rows) {
   check_inputs(r, w, k, v, u, {dy, dr, dk, dv});
   check_dw_du(r, dw, du);
-  check_states(r, {dsT, ds0});
-  wkv::check_f32_numel({ckpt}, wkv::Sizes(r, wkv::CK).ckpt(), "the checkpoints [B,H,ceil(T/16),N,N]");
+  wkv::check_states(r, {dsT, ds0});
+  wkv::check_checkpoints(r, ckpt);
   wkv::check_f32({scratch});
   WKV_ENTRY(backward_cuda)(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0, rows);
 }
@@ -71,16 +68,17 @@ void backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor dy, Tenso
 // Workspaces: states [B,H,nc,N,N], decay [B,H,nc,N], scores [B,H,nc,16,16] (nc = ceil(T/16)).
 void check_workspaces(const Tensor& r, const Tensor& states, const Tensor& decay, const Tensor& scores) {
   wkv::check_f32({states, decay, scores});
-  const int64_t nc = (r.size(1) + wkv::CK - 1) / wkv::CK, BH = r.size(0) * r.size(2);
-  TORCH_CHECK(states.numel() == BH * nc * WKV_N * WKV_N && decay.numel() == BH * nc * WKV_N &&
-                  scores.numel() == BH * nc * wkv::CK * wkv::CK,
+  const wkv::Sizes n(r);
+  const int64_t chunks = n.B * n.H * n.nc;
+  TORCH_CHECK(states.numel() == n.ckpt() && decay.numel() == chunks * n.N &&
+                  scores.numel() == chunks * wkv::CK * wkv::CK,
               WKV_LABEL ": chunked workspaces must be [B,H,ceil(T/16)] x [N,N], [N] and [16,16]");
 }
 
 void forward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT,
                      Tensor states, Tensor decay, Tensor scores) {
   check_inputs(r, w, k, v, u, {y});
-  check_states(r, {s0, sT});
+  wkv::check_states(r, {s0, sT});
   check_workspaces(r, states, decay, scores);
   WKV_ENTRY(forward_chunked_cuda)(r, w, k, v, u, s0, y, sT, states, decay, scores);
 }
@@ -90,7 +88,7 @@ void backward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor d
                       Tensor du, Tensor ds0) {
   check_inputs(r, w, k, v, u, {dy, dr, dk, dv});
   check_dw_du(r, dw, du);
-  check_states(r, {dsT, ds0});
+  wkv::check_states(r, {dsT, ds0});
   wkv::check_f32({dstates});
   check_workspaces(r, states, decay, scores);
   TORCH_CHECK(dstates.numel() == states.numel(), WKV_LABEL ": dstates must be shaped like states");

@@ -30,10 +30,9 @@ static void check_spans(const torch::Tensor& x0, std::initializer_list<torch::Te
 // States (or their gradients) [B,H,N,N], end-of-chunk checkpoints [B,H,nc,N,N], sa_t [B,T,H,N], all fp32.
 static void check_buffers(const torch::Tensor& r, std::initializer_list<torch::Tensor> states,
                           const torch::Tensor& ckpt, const torch::Tensor& sa) {
-  const wkv::Sizes n(r, wkv::CK);
-  wkv::check_f32_numel(states, n.state(), "the state [B,H,N,N]");
-  wkv::check_f32_numel({ckpt}, n.ckpt(), "the checkpoints [B,H,ceil(T/16),N,N]");
-  wkv::check_f32_numel({sa}, n.per_token(), "sa [B,T,H,N]");
+  wkv::check_states(r, states);
+  wkv::check_checkpoints(r, ckpt);
+  wkv::check_f32_numel({sa}, wkv::Sizes(r).per_token(), "sa [B,T,H,N]");
 }
 
 static void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,

@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/extension.h>
 #include <initializer_list>
+#include "wkv_common.cuh"  // CK
 
 namespace wkv {
 
@@ -27,8 +28,8 @@ inline void check_f32(std::initializer_list<torch::Tensor> ts) {
 // The kernels index fp32 buffers from the sequence's shape [B,T,H,N], so each must hold exactly its share.
 struct Sizes {
   int64_t B, T, H, N, nc;  // nc = chunks of CK tokens (one checkpoint each)
-  explicit Sizes(const torch::Tensor& r, int64_t ck)
-      : B(r.size(0)), T(r.size(1)), H(r.size(2)), N(r.size(3)), nc((r.size(1) + ck - 1) / ck) {}
+  explicit Sizes(const torch::Tensor& r)
+      : B(r.size(0)), T(r.size(1)), H(r.size(2)), N(r.size(3)), nc((r.size(1) + CK - 1) / CK) {}
   int64_t state() const { return B * H * N * N; }       // [B,H,N,N]
   int64_t ckpt() const { return B * H * nc * N * N; }   // [B,H,nc,N,N]
   int64_t per_token() const { return B * T * H * N; }   // [B,T,H,N]
@@ -40,6 +41,14 @@ inline void check_f32_numel(std::initializer_list<torch::Tensor> ts, int64_t num
   for (const auto& t : ts)
     TORCH_CHECK(t.numel() == numel, "wkv: ", what, " must hold ", numel, " fp32 elements for this input, not ",
                 t.numel());
+}
+
+// States (or their gradients) and the end-of-chunk checkpoints of input r, as every sequential kernel takes them.
+inline void check_states(const torch::Tensor& r, std::initializer_list<torch::Tensor> states) {
+  check_f32_numel(states, Sizes(r).state(), "the state [B,H,N,N]");
+}
+inline void check_checkpoints(const torch::Tensor& r, const torch::Tensor& ckpt) {
+  check_f32_numel({ckpt}, Sizes(r).ckpt(), "the checkpoints [B,H,ceil(T/16),N,N]");
 }
 
 }  // namespace wkv
