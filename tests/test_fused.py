@@ -99,8 +99,18 @@ def _with_fresh_leaves(args):
     return args
 
 
-def region_args(name: str, dtype: torch.dtype, seed: int) -> tuple:
-    """Inputs of one region at the tiny model's shapes (B=2, T=5, C=64, H=4 x N=16, LoRA 32, v5/v6 FFN 224)."""
+CASTING_REGIONS = ("v7_shift_mix", "v7_value_residual", "v7_gates", "v7_out", "v5_shift_mix", "v6_shift_mix",
+                   "gated_out")  # take out_dtype last: the dtype of the matmul / WKV op their outputs feed
+
+
+def region_args(name: str, dtype: torch.dtype, seed: int, out_dtype: torch.dtype | None = None) -> tuple:
+    """Inputs of one region at the tiny model's shapes (B=2, T=5, C=64, H=4 x N=16, LoRA 32, v5/v6 FFN 224);
+    out_dtype (default: dtype) for the regions that take one."""
+    args = _region_inputs(name, dtype, seed)
+    return (*args, out_dtype or dtype) if name in CASTING_REGIONS else args
+
+
+def _region_inputs(name: str, dtype: torch.dtype, seed: int) -> tuple:
     g = torch.Generator().manual_seed(seed)
     t = lambda *shape, s=0.5: torch.randn(*shape, generator=g, dtype=dtype) * s  # noqa: E731
     act, row, mix = (lambda: t(B, T, C)), (lambda: t(B, C)), (lambda: torch.rand(1, 1, C, generator=g, dtype=dtype))
@@ -168,6 +178,31 @@ def test_region_matches_plain(name, dtype, graph_compiles):
     for i, (a, b) in enumerate(zip(got_grads, ref_grads, strict=True)):
         assert b is not None and b.abs().max() > 0, f"{name}: input {i} gets no gradient (test would be vacuous)"
         assert_close_rel(a, b, TOL[dtype], f"{name} grad of input {i}")
+
+
+@pytest.mark.parametrize("name", CASTING_REGIONS)
+def test_region_out_dtype_rounds_only_the_outputs(name):
+    """A region asked for bf16 outputs computes in its inputs' dtype and rounds once at the end: its outputs are
+    exactly the fp32 outputs rounded (what the consuming matmul / WKV op would have cast them to). The gate g of
+    v7_gates is a matmul result and keeps the matmul's dtype."""
+    region = getattr(fused, name)
+    seed = REGIONS.index(name)
+    wide = region(*region_args(name, torch.float32, seed))
+    narrow = region(*region_args(name, torch.float32, seed, out_dtype=torch.bfloat16))
+    wide, narrow = (o if isinstance(o, tuple) else (o,) for o in (wide, narrow))
+    kept = {4} if name == "v7_gates" else set()
+    for i, (a, b) in enumerate(zip(narrow, wide, strict=True)):
+        want = b if i in kept else b.to(torch.bfloat16)
+        assert a.dtype == want.dtype and torch.equal(a, want), f"{name} output {i}"
+
+
+def test_matmul_dtype_follows_autocast():
+    x = torch.zeros(2, 3)
+    assert fused.matmul_dtype(x) == torch.float32
+    assert fused.matmul_dtype(x.double()) == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.matmul_dtype(x) == torch.bfloat16
+        assert fused.matmul_dtype(x.double()) == torch.float64  # autocast leaves fp64 alone
 
 
 # ---- whole models ------------------------------------------------------------------------------------------------

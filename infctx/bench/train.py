@@ -254,9 +254,11 @@ class Bench:
         from torch.profiler import ProfilerActivity, profile
 
         self.sync()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             wall = self.timed_step(B, T, mode)
-        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        # GPU-side record_function ranges (e.g. "Optimizer.step#AdamW.step") span kernels already counted
+        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
         if not kernels:
             return dict(error="the profiler recorded no CUDA kernels")
         busy = sum(us for _, us in kernels) / 1e6
@@ -267,7 +269,17 @@ class Bench:
             top[name][1] += 1
         ranked = sorted(top.items(), key=lambda kv: -kv[1][0])[:25]
         return dict(shares=time_shares(kernels), gpu_busy=busy / wall, n_kernels=len(kernels),
-                    top=[dict(name=n[:160], cls=classify_kernel(n), ms=us / 1e3, calls=c) for n, (us, c) in ranked])
+                    top=[dict(name=n[:160], cls=classify_kernel(n), ms=us / 1e3, calls=c) for n, (us, c) in ranked],
+                    ops=top_ops(prof))
+
+
+def top_ops(prof, n: int = 40) -> list[dict]:
+    """The operators (by name and input shapes) whose own kernels took the most GPU time: where the elementwise
+    time of a step comes from (which casts, copies, norms), which kernel names alone do not say."""
+    rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    return [dict(op=e.key[:120], shapes=str(e.input_shapes)[:160], ms=e.self_device_time_total / 1e3, calls=e.count)
+            for e in rows[:n]]
 
 
 def run(cfg: BenchConfig, on_update=lambda res: None, res: dict | None = None) -> dict:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infctx.model.common import token_shift
+from infctx.ops.fused_ce import compute_dtype
 from infctx.model.config import FUSE_MODES  # noqa: F401 (the values `mode` takes; validated by ModelConfig)
 
 
@@ -41,6 +42,14 @@ def compiles(mode: str, x: Tensor) -> bool:
 def runner(mode: str, x: Tensor) -> Callable[..., object]:
     """The caller for a module's regions: `run(region, *args)`, eager or compiled per `mode` and x's device."""
     return _run_compiled if compiles(mode, x) else _run_eager
+
+
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the matmuls (and the WKV op, which takes r's dtype) compute in for activations like x: autocast's
+    dtype where autocast is on for x's device, else x's. Regions whose outputs only feed those return them in it:
+    the same values the consumer would have cast them to, without an fp32 copy in memory and a cast kernel each
+    way (forward and backward)."""
+    return compute_dtype(x, x)
 
 
 def _run_eager(region: Callable, *args):
@@ -84,25 +93,28 @@ def relu_sq_ffn(xk: Tensor, key_w: Tensor, value_w: Tensor) -> Tensor:
 
 # ---- RWKV-7 time mix ------------------------------------------------------------------------------------------------
 
-def v7_shift_mix(x: Tensor, prev: Tensor, mixes: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """x [B,T,C], prev [B,C] (the carried last row of the previous segment) -> x + (shift(x) - x) * m per mix."""
+def v7_shift_mix(x: Tensor, prev: Tensor, mixes: Sequence[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """x [B,T,C], prev [B,C] (the carried last row of the previous segment) -> x + (shift(x) - x) * m per mix, in
+    out_dtype (each feeds only matmuls)."""
     xx = token_shift(x, prev) - x
-    return tuple(lerp_prev(x, xx, m) for m in mixes)
+    return tuple(lerp_prev(x, xx, m).to(out_dtype) for m in mixes)
 
 
-def v7_value_residual(v: Tensor, v_first: Tensor, xv: Tensor, v0: Tensor, v1: Tensor, v2: Tensor) -> Tensor:
-    """Layers > 0: v pulled towards layer 0's value by a LoRA sigmoid gate."""
-    return v + (v_first - v) * torch.sigmoid(v0 + (xv @ v1) @ v2)
+def v7_value_residual(v: Tensor, v_first: Tensor, xv: Tensor, v0: Tensor, v1: Tensor, v2: Tensor,
+                      out_dtype: torch.dtype) -> Tensor:
+    """Layers > 0: v pulled towards layer 0's value by a LoRA sigmoid gate; in out_dtype (the WKV op's)."""
+    return (v + (v_first - v) * torch.sigmoid(v0 + (xv @ v1) @ v2)).to(out_dtype)
 
 
 def v7_gates(
     xw: Tensor, xa: Tensor, xg: Tensor, k: Tensor, w_lora: Sequence[Tensor], a_lora: Sequence[Tensor],
-    g_lora: Sequence[Tensor], k_k: Tensor, k_a: Tensor, n_head: int,
+    g_lora: Sequence[Tensor], k_k: Tensor, k_a: Tensor, n_head: int, out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Decay logit, in-context learning rate, gate and the key mixes -> (w, k, a, b, g) for the WKV op.
 
     w_lora = (w0, w1, w2), a_lora = (a0, a1, a2), g_lora = (g1, g2). w is the raw decay logit (the op applies
-    exp(-e^-0.5 sigmoid(w))); a = -kk and b = kk * a as [B,T,H,N]; w, k, g as [B,T,C]."""
+    exp(-e^-0.5 sigmoid(w))); a = -kk and b = kk * a as [B,T,H,N]; w, k, g as [B,T,C]. w, k, a, b in out_dtype
+    (the WKV op's)."""
     B, T, C = k.shape
     heads = lambda t: t.view(B, T, n_head, C // n_head)  # noqa: E731
     w0, w1, w2 = w_lora
@@ -113,33 +125,36 @@ def v7_gates(
     g = torch.sigmoid(xg @ g1) @ g2
     kk = F.normalize(heads(k * k_k), dim=-1, p=2.0)
     k = k * (1 + (a - 1) * k_a)
-    return w, k, -kk, kk * heads(a), g
+    return w.to(out_dtype), k.to(out_dtype), (-kk).to(out_dtype), (kk * heads(a)).to(out_dtype), g
 
 
 def v7_out(
-    y: Tensor, r: Tensor, k: Tensor, v: Tensor, g: Tensor, r_k: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float
+    y: Tensor, r: Tensor, k: Tensor, v: Tensor, g: Tensor, r_k: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    """After the WKV op (y [B,T,H,N]): (ln_x(y) + bonus) * g, the bonus being (r . k * r_k per head) * v; [B,T,C]."""
+    """After the WKV op (y [B,T,H,N]): (ln_x(y) + bonus) * g, the bonus being (r . k * r_k per head) * v; [B,T,C]
+    in out_dtype (it feeds the output projection)."""
     B, T, H, N = y.shape
     heads = lambda t: t.view(B, T, H, N)  # noqa: E731
     out = head_norm(y, H, ln_w, ln_b, eps)
     out = out + ((heads(r) * heads(k) * r_k).sum(dim=-1, keepdim=True) * heads(v)).view(B, T, H * N)
-    return out * g
+    return (out * g).to(out_dtype)
 
 
 # ---- RWKV-5/6 time mix ----------------------------------------------------------------------------------------------
 
-def v5_shift_mix(x: Tensor, prev: Tensor, mixes: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """RWKV-5's static mixes: x * m + shift(x) * (1 - m) per mix."""
+def v5_shift_mix(x: Tensor, prev: Tensor, mixes: Sequence[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """RWKV-5's static mixes: x * m + shift(x) * (1 - m) per mix, in out_dtype (each feeds a projection)."""
     xx = token_shift(x, prev)
-    return tuple(lerp_cur(x, xx, m) for m in mixes)
+    return tuple(lerp_cur(x, xx, m).to(out_dtype) for m in mixes)
 
 
 def v6_shift_mix(
     x: Tensor, prev: Tensor, maa_x: Tensor, maa_w1: Tensor, maa_w2: Tensor, maas: Sequence[Tensor],
-    decay: Sequence[Tensor],
+    decay: Sequence[Tensor], out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """RWKV-6's data-dependent mixes and decay -> (w, xk, xv, xr, xg).
+    """RWKV-6's data-dependent mixes and decay -> (w, xk, xv, xr, xg), all in out_dtype (the projections' and the
+    WKV op's).
 
     maas = (time_maa_w, _k, _v, _r, _g); decay = (time_decay, time_decay_w1, time_decay_w2)."""
     B, T, C = x.shape
@@ -149,12 +164,14 @@ def v6_shift_mix(
     xw, xk, xv, xr, xg = (lerp_prev(x, xx, maa + m) for maa, m in zip(maas, lora))
     time_decay, decay_w1, decay_w2 = decay
     w = time_decay + torch.tanh(xw @ decay_w1) @ decay_w2
-    return w, xk, xv, xr, xg
+    return tuple(t.to(out_dtype) for t in (w, xk, xv, xr, xg))
 
 
-def gated_out(y: Tensor, gate: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, divisor: float) -> Tensor:
-    """RWKV-5/6 after the WKV op (y [B,T,H,N], gate = the gate projection): ln_x(y / divisor) * silu(gate)."""
-    return head_norm(y / divisor, y.shape[2], ln_w, ln_b, eps) * F.silu(gate)
+def gated_out(y: Tensor, gate: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, divisor: float,
+              out_dtype: torch.dtype) -> Tensor:
+    """RWKV-5/6 after the WKV op (y [B,T,H,N], gate = the gate projection): ln_x(y / divisor) * silu(gate), in
+    out_dtype (it feeds the output projection)."""
+    return (head_norm(y / divisor, y.shape[2], ln_w, ln_b, eps) * F.silu(gate)).to(out_dtype)
 
 
 # ---- channel mix ----------------------------------------------------------------------------------------------------

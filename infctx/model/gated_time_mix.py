@@ -50,4 +50,5 @@ class GatedTimeMix(nn.Module):
     def _out(self, run: Callable, y: Tensor, gate: Tensor) -> Tensor:
         """y: WKV output [B,T,H,N] -> ln_x (per head, after / ln_x_divisor) -> * silu(gate) -> output projection."""
         ln = self.ln_x
-        return self.output(run(fused.gated_out, y, gate, ln.weight, ln.bias, ln.eps, self.ln_x_divisor))
+        return self.output(run(fused.gated_out, y, gate, ln.weight, ln.bias, ln.eps, self.ln_x_divisor,
+                               fused.matmul_dtype(gate)))

@@ -40,6 +40,6 @@ class TimeMixV5(GatedTimeMix):
     def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first, wkv) -> tuple[Tensor, Tensor, None]:
         run = fused.runner(self.fuse, x)
         mixes = (self.time_mix_r, self.time_mix_k, self.time_mix_v, self.time_mix_g)
-        r, k, v, g = self._rkvg(*run(fused.v5_shift_mix, x, shift, mixes))
+        r, k, v, g = self._rkvg(*run(fused.v5_shift_mix, x, shift, mixes, fused.matmul_dtype(x)))
         y, wkv_state = wkv(self._heads(r), self.time_decay, self._heads(k), self._heads(v), self.time_faaaa, wkv_state)
         return self._out(run, y, g), wkv_state, None

@@ -54,7 +54,7 @@ class TimeMixV6(GatedTimeMix):
         maas = (self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
         decay = (self.time_decay, self.time_decay_w1, self.time_decay_w2)
         w, xk, xv, xr, xg = run(fused.v6_shift_mix, x, shift, self.time_maa_x, self.time_maa_w1, self.time_maa_w2,
-                                maas, decay)
+                                maas, decay, fused.matmul_dtype(x))
         r, k, v, g = self._rkvg(xr, xk, xv, xg)
         y, wkv_state = wkv(self._heads(r), self._heads(w), self._heads(k), self._heads(v), self.time_faaaa, wkv_state)
         return self._out(run, y, g), wkv_state, None

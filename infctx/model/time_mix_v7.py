@@ -77,18 +77,18 @@ class TimeMixV7(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
-        run = fused.runner(self.fuse, x)
+        run, dt = fused.runner(self.fuse, x), fused.matmul_dtype(x)
         mixes = (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
-        xr, xw, xk, xv, xa, xg = run(fused.v7_shift_mix, x, shift, mixes)
+        xr, xw, xk, xv, xa, xg = run(fused.v7_shift_mix, x, shift, mixes, dt)
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
         if self.layer_id == 0:
             v_first = v
         else:
-            v = run(fused.v7_value_residual, v, v_first, xv, self.v0, self.v1, self.v2)
+            v = run(fused.v7_value_residual, v, v_first, xv, self.v0, self.v1, self.v2, dt)
         w, k, a, b, g = run(fused.v7_gates, xw, xa, xg, k, (self.w0, self.w1, self.w2), (self.a0, self.a1, self.a2),
-                            (self.g1, self.g2), self.k_k, self.k_a, H)
+                            (self.g1, self.g2), self.k_k, self.k_a, H, dt)
         y, wkv_state = wkv(heads(r), heads(w), heads(k), heads(v), a, b, wkv_state)
-        y = run(fused.v7_out, y, r, k, v, g, self.r_k, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps)
+        y = run(fused.v7_out, y, r, k, v, g, self.r_k, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, dt)
         return self.output(y), wkv_state, v_first
