@@ -23,9 +23,9 @@ namespace {
 constexpr bool kTimeDecay = WKV_TIME_DECAY;
 
 void check_param(const Tensor& ref, const Tensor& p) {
-  TORCH_CHECK(p.is_cuda() && p.is_contiguous() && p.dim() == 2 && p.size(0) == ref.size(2) && p.size(1) == WKV_N &&
-                  p.scalar_type() == ref.scalar_type(),
-              WKV_LABEL ": per-head parameters must be contiguous CUDA [H,N] tensors of the input dtype");
+  WKV_CHECK(p.is_cuda() && p.is_contiguous() && p.dim() == 2 && p.size(0) == ref.size(2) && p.size(1) == WKV_N &&
+                p.scalar_type() == ref.scalar_type(),
+            WKV_LABEL ": per-head parameters must be contiguous CUDA [H,N] tensors of the input dtype");
 }
 
 // r, k, v (and wkv6's w) share [B,T,H,N]; u (and wkv5's w) are [H,N].
@@ -70,9 +70,9 @@ void check_workspaces(const Tensor& r, const Tensor& states, const Tensor& decay
   wkv::check_f32({states, decay, scores});
   const wkv::Sizes n(r);
   const int64_t chunks = n.B * n.H * n.nc;
-  TORCH_CHECK(states.numel() == n.ckpt() && decay.numel() == chunks * n.N &&
-                  scores.numel() == chunks * wkv::CK * wkv::CK,
-              WKV_LABEL ": chunked workspaces must be [B,H,ceil(T/16)] x [N,N], [N] and [16,16]");
+  WKV_CHECK(states.numel() == n.ckpt() && decay.numel() == chunks * n.N &&
+                scores.numel() == chunks * wkv::CK * wkv::CK,
+            WKV_LABEL ": chunked workspaces must be [B,H,ceil(T/16)] x [N,N], [N] and [16,16]");
 }
 
 void forward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor s0, Tensor y, Tensor sT,
@@ -91,7 +91,7 @@ void backward_chunked(Tensor r, Tensor w, Tensor k, Tensor v, Tensor u, Tensor d
   wkv::check_states(r, {dsT, ds0});
   wkv::check_f32({dstates});
   check_workspaces(r, states, decay, scores);
-  TORCH_CHECK(dstates.numel() == states.numel(), WKV_LABEL ": dstates must be shaped like states");
+  WKV_CHECK(dstates.numel() == states.numel(), WKV_LABEL ": dstates must be shaped like states");
   WKV_ENTRY(backward_chunked_cuda)(r, w, k, v, u, dy, dsT, states, decay, scores, dstates, dr, dw, dk, dv, du,
                                     ds0);
 }

@@ -415,10 +415,10 @@ void state_pass(int B, int T, int H, const F* p_src, const F* q_src, const F* w,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   chunk_outer<F, kGrad><<<chunk_grid(T, B * H), kThreads, 0, stream>>>(T, H, p_src, q_src, w, ws.data_ptr<float>(),
                                                                        kGrad ? nullptr : decay.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  WKV_LAUNCH_CHECK();
   scan_chunks<kGrad><<<dim3(N * N / kThreads, B * H), kThreads, 0, stream>>>((T + C - 1) / C, ws.data_ptr<float>(),
       decay.data_ptr<float>(), init.data_ptr<float>(), final_.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  WKV_LAUNCH_CHECK();
 }
 
 template <typename F>
@@ -430,7 +430,7 @@ void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
   wkv::allow_smem(out, sizeof(OutputSmem));
   out<<<chunk_grid(T, B * H), kThreads, sizeof(OutputSmem), c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r),
       cptr<F>(w), cptr<F>(k), cptr<F>(v), cptr<F>(u), states.data_ptr<float>(), mptr<F>(y), scores.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  WKV_LAUNCH_CHECK();
 }
 
 // dw: [B,T,H,N] of the input dtype (wkv6) or fp32 [B,H,N] per-(b,h) sums (wkv5); du: fp32 [B,H,N];
@@ -451,7 +451,7 @@ void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v
       cptr<F>(w), cptr<F>(k), cptr<F>(v), cptr<F>(u), cptr<F>(dy), states.data_ptr<float>(), scores.data_ptr<float>(),
       dstates.data_ptr<float>(), mptr<F>(dr), kTimeDecay ? mptr<F>(dw) : nullptr, mptr<F>(dk), mptr<F>(dv),
       du_parts.data_ptr<float>(), kTimeDecay ? nullptr : dw_parts.data_ptr<float>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  WKV_LAUNCH_CHECK();
   du.copy_(du_parts.sum(2));
   if (!kTimeDecay) dw.copy_(dw_parts.sum(2));
 }

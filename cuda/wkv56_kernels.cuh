@@ -9,7 +9,7 @@
 #include "wkv_common.cuh"
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
+#include "wkv_error.h"
 
 using wkv::ChunkShare;
 using wkv::CK;
@@ -247,7 +247,7 @@ template <class Fn>
 void with_tile(int BH, int rows, Fn&& f) {
   static_assert(WKV_N == 64, "RWKV-5/6 kernels are built for head size 64");
   if (rows == 0) rows = BH >= 64 ? 64 : 16;  // measured on H100 (bench/results/kernels.md, --sweep-rows)
-  TORCH_CHECK(rows == 64 || rows == 16 || rows == 8, "wkv5/6: rows per block must be 0, 8, 16 or 64");
+  WKV_CHECK(rows == 64 || rows == 16 || rows == 8, "wkv5/6: rows per block must be 0, 8, 16 or 64");
   if (rows == 64) f(wkv::Tile<64, 64, 4>{});
   else if (rows == 16) f(wkv::Tile<64, 16, 8>{});
   else f(wkv::Tile<64, 8, 8>{});
@@ -265,7 +265,7 @@ void fwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
     kern<<<B * H * Tl::G, Tl::kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w),
         cptr<F>(k), cptr<F>(v), cptr<F>(u), s0.data_ptr<float>(), mptr<F>(y), sT.data_ptr<float>(),
         ckpt.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    WKV_LAUNCH_CHECK();
   });
 }
 
@@ -298,7 +298,7 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
         cptr<F>(k), cptr<F>(v), cptr<F>(u), cptr<F>(dy), dsT.data_ptr<float>(), ckpt.data_ptr<float>(),
         scr.data_ptr<float>(), out, mptr<F>(dv), du.data_ptr<float>(),
         kTimeDecay ? nullptr : dw.data_ptr<float>(), ds0.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    WKV_LAUNCH_CHECK();
     if (kAtomic) {
       dr.view({-1}).copy_(acc[0]);
       dk.view({-1}).copy_(acc[1]);

@@ -23,7 +23,7 @@
 #include "wkv_common.cuh"
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
+#include "wkv_error.h"
 
 using wkv::ChunkShare;
 using wkv::CK;
@@ -459,8 +459,8 @@ constexpr int kAutoSplit = WKV_N == 128 ? 4 : 2;
 template <class Fn>
 void with_split(int split, Fn&& f) {
   if (split == 0) split = kAutoSplit;
-  TORCH_CHECK(split == 2 || split == 4 || split == 8,
-              "wkv7: threads per state index (split) must be 0 (auto), 2, 4 or 8");
+  WKV_CHECK(split == 2 || split == 4 || split == 8,
+            "wkv7: threads per state index (split) must be 0 (auto), 2, 4 or 8");
   if (split == 2) f(Const<2>{});
   else if (split == 4) f(Const<4>{});
   else f(Const<8>{});
@@ -471,8 +471,8 @@ template <class Fn>
 void with_groups(int BH, int groups, Fn&& f) {
   constexpr int kMost = WKV_N / 16;
   if (groups == 0) groups = BH >= 128 ? 1 : BH >= 32 ? 4 : kMost;
-  TORCH_CHECK(groups == 1 || groups == 2 || groups == 4 || groups == kMost,
-              "wkv7: forward blocks per head (groups) must be 0 (auto), 1, 2, 4 or ", kMost);
+  WKV_CHECK(groups == 1 || groups == 2 || groups == 4 || groups == kMost,
+            "wkv7: forward blocks per head (groups) must be 0 (auto), 1, 2, 4 or ", kMost);
   if (groups == 1) f(Const<1>{});
   else if (groups == 2) f(Const<2>{});
   else if (groups == 4) f(Const<4>{});
@@ -497,7 +497,7 @@ void fwd_launch(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor
   wkv::allow_smem(kern, smem);
   kern<<<B * H * G, R * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k),
       cptr<F>(v), cptr<F>(a), cptr<F>(b), o.s0, static_cast<F*>(o.y), o.sT, o.ckpt, o.sa, o.q);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  WKV_LAUNCH_CHECK();
 }
 
 // A head split over G > 1 blocks keeps 8 threads per row, so that a block still has >= 128 threads and the
@@ -521,7 +521,7 @@ template <typename K, typename... Args>
 void span_launch(K kern, int rows, size_t smem, Args... args) {
   wkv::allow_smem(kern, smem);
   kern<<<rows * (WKV_N / kScanRows), kScanThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  WKV_LAUNCH_CHECK();
 }
 
 template <bool kBack>
@@ -553,7 +553,7 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
         cptr<F>(v), cptr<F>(a), cptr<F>(b), cptr<F>(dy), dsT.data_ptr<float>(), ckpt.data_ptr<float>(),
         sa.data_ptr<float>(), mptr<F>(dr), mptr<F>(dw), mptr<F>(dk), mptr<F>(dv), mptr<F>(da), mptr<F>(db),
         ds0.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    WKV_LAUNCH_CHECK();
   });
 }
 

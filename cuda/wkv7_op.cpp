@@ -21,10 +21,10 @@ static void check_spans(const torch::Tensor& x0, std::initializer_list<torch::Te
   wkv::check_f32({x0});
   wkv::check_f32(mats);
   const auto& p = *mats.begin();
-  TORCH_CHECK(p.dim() == 5 && p.size(3) == WKV_N && p.size(4) == WKV_N, "wkv7 span: matrices must be [B,ns,H,N,N]");
-  TORCH_CHECK(x0.dim() == 4 && x0.size(0) == p.size(0) && x0.size(1) == p.size(2) && x0.size(2) == WKV_N &&
-              x0.size(3) == WKV_N, "wkv7 span: the state must be [B,H,N,N] matching the span matrices");
-  for (const auto& t : mats) TORCH_CHECK(t.sizes() == p.sizes(), "wkv7 span: every span matrix must be [B,ns,H,N,N]");
+  WKV_CHECK(p.dim() == 5 && p.size(3) == WKV_N && p.size(4) == WKV_N, "wkv7 span: matrices must be [B,ns,H,N,N]");
+  WKV_CHECK(x0.dim() == 4 && x0.size(0) == p.size(0) && x0.size(1) == p.size(2) && x0.size(2) == WKV_N &&
+            x0.size(3) == WKV_N, "wkv7 span: the state must be [B,H,N,N] matching the span matrices");
+  for (const auto& t : mats) WKV_CHECK(t.sizes() == p.sizes(), "wkv7 span: every span matrix must be [B,ns,H,N,N]");
 }
 
 // States (or their gradients) [B,H,N,N], end-of-chunk checkpoints [B,H,nc,N,N], sa_t [B,T,H,N], all fp32.
@@ -57,9 +57,9 @@ static void transfer(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::T
                      torch::Tensor b, torch::Tensor u, torch::Tensor p, torch::Tensor q, int split, int groups) {
   wkv::check_seq(r, {r, w, k, v, a, b}, WKV_N);
   wkv::check_f32({u, p, q});
-  TORCH_CHECK(q.sizes() == r.sizes(), "wkv7 transfer: q must be fp32 shaped like r");
-  TORCH_CHECK(u.dim() == 4 && u.size(0) == r.size(0) && u.size(1) == r.size(2) && u.sizes() == p.sizes(),
-              "wkv7 transfer: u and p must be [B,H,N,N]");
+  WKV_CHECK(q.sizes() == r.sizes(), "wkv7 transfer: q must be fp32 shaped like r");
+  WKV_CHECK(u.dim() == 4 && u.size(0) == r.size(0) && u.size(1) == r.size(2) && u.sizes() == p.sizes(),
+            "wkv7 transfer: u and p must be [B,H,N,N]");
   wkv7_transfer_cuda(r, w, k, v, a, b, u, p, q, split, groups);
 }
 
@@ -73,8 +73,8 @@ static void span_scan_back(torch::Tensor dsT, torch::Tensor p, torch::Tensor q, 
   check_spans(dsT, {p, ends});
   wkv::check_seq(dy, {dy}, WKV_N);
   wkv::check_f32({q});
-  TORCH_CHECK(q.sizes() == dy.sizes() && q.size(0) == p.size(0) && q.size(2) == p.size(2) &&
-              q.size(1) % (p.size(1) * 64) == 0, "wkv7 span: q and dy must be [B, ns*L, H, N] with L % 64 == 0");
+  WKV_CHECK(q.sizes() == dy.sizes() && q.size(0) == p.size(0) && q.size(2) == p.size(2) &&
+            q.size(1) % (p.size(1) * 64) == 0, "wkv7 span: q and dy must be [B, ns*L, H, N] with L % 64 == 0");
   wkv7_span_scan_back_cuda(dsT, p, q, dy, ends);
 }
 

@@ -4,25 +4,26 @@
 #include <torch/extension.h>
 #include <initializer_list>
 #include "wkv_common.cuh"  // CK
+#include "wkv_error.h"
 
 namespace wkv {
 
 inline void check_seq(const torch::Tensor& ref, std::initializer_list<torch::Tensor> ts, int N) {
-  TORCH_CHECK(ref.is_cuda() && ref.dim() == 4 && ref.size(3) == N, "wkv: expected CUDA [B,T,H,", N, "] tensors");
-  TORCH_CHECK(ref.scalar_type() == at::kBFloat16 || ref.scalar_type() == at::kFloat, "wkv: dtype must be bf16 or fp32");
+  WKV_CHECK(ref.is_cuda() && ref.dim() == 4 && ref.size(3) == N, "wkv: expected CUDA [B,T,H,", N, "] tensors");
+  WKV_CHECK(ref.scalar_type() == at::kBFloat16 || ref.scalar_type() == at::kFloat, "wkv: dtype must be bf16 or fp32");
   for (const auto& t : ts) {
-    TORCH_CHECK(t.is_cuda() && t.is_contiguous(), "wkv: every tensor must be a contiguous CUDA tensor");
-    TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "wkv: every sequence tensor must share one dtype");
-    TORCH_CHECK(t.sizes() == ref.sizes(), "wkv: every sequence tensor must have shape [B,T,H,N]");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
-                "wkv: sequence tensors must start 16-byte aligned (the kernels load rows as vectors; clone a view)");
+    WKV_CHECK(t.is_cuda() && t.is_contiguous(), "wkv: every tensor must be a contiguous CUDA tensor");
+    WKV_CHECK(t.scalar_type() == ref.scalar_type(), "wkv: every sequence tensor must share one dtype");
+    WKV_CHECK(t.sizes() == ref.sizes(), "wkv: every sequence tensor must have shape [B,T,H,N]");
+    WKV_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+              "wkv: sequence tensors must start 16-byte aligned (the kernels load rows as vectors; clone a view)");
   }
 }
 
 inline void check_f32(std::initializer_list<torch::Tensor> ts) {
   for (const auto& t : ts)
-    TORCH_CHECK(t.is_cuda() && t.is_contiguous() && t.scalar_type() == at::kFloat,
-                "wkv: state/workspace tensors must be contiguous fp32 CUDA tensors");
+    WKV_CHECK(t.is_cuda() && t.is_contiguous() && t.scalar_type() == at::kFloat,
+              "wkv: state/workspace tensors must be contiguous fp32 CUDA tensors");
 }
 
 // The kernels index fp32 buffers from the sequence's shape [B,T,H,N], so each must hold exactly its share.
@@ -39,8 +40,8 @@ struct Sizes {
 inline void check_f32_numel(std::initializer_list<torch::Tensor> ts, int64_t numel, const char* what) {
   check_f32(ts);
   for (const auto& t : ts)
-    TORCH_CHECK(t.numel() == numel, "wkv: ", what, " must hold ", numel, " fp32 elements for this input, not ",
-                t.numel());
+    WKV_CHECK(t.numel() == numel, "wkv: ", what, " must hold ", numel, " fp32 elements for this input, not ",
+              t.numel());
 }
 
 // States (or their gradients) and the end-of-chunk checkpoints of input r, as every sequential kernel takes them.
