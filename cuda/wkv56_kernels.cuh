@@ -104,17 +104,20 @@ __global__ void __launch_bounds__(Tl::kThreads) fwd_kernel(int T, int H, const F
   for (int jj = 0; jj < M; ++jj) strow[jj * P + p] = S[jj];
 }
 
-// dr, dk (and wkv6's dw): written directly when one block owns the whole head (G == 1), else added into fp32 sums.
-template <typename F, bool kAtomic>
+// dr, dk (and wkv6's dw): written directly when one block owns the whole head (G == 1); else each of the G blocks
+// of a head stores its share in its own slice of fp32 partials, and the host sums the slices in a fixed order (no
+// atomics, so the same bits on every run).
+template <typename F, bool kPartial>
 struct KeyGrads {
   F *dr, *dk, *dw;  // dw unused for wkv5
-  float* acc;       // [3, B, T, H, N] when kAtomic
+  float* part;      // [G, 3, B, T, H, N] when kPartial
   int64_t n;        // B*T*H*N
-  __device__ __forceinline__ void put(int64_t o, float r_, float k_, float w_) const {
-    if constexpr (kAtomic) {
-      atomicAdd(acc + o, r_);
-      atomicAdd(acc + n + o, k_);
-      if (kTimeDecay) atomicAdd(acc + 2 * n + o, w_);
+  __device__ __forceinline__ void put(int g, int64_t o, float r_, float k_, float w_) const {
+    if constexpr (kPartial) {
+      float* mine = part + int64_t(g) * 3 * n + o;
+      mine[0] = r_;
+      mine[n] = k_;
+      if (kTimeDecay) mine[2 * n] = w_;
     } else {
       dr[o] = wkv::from_f<F>(r_);
       dk[o] = wkv::from_f<F>(k_);
@@ -123,7 +126,7 @@ struct KeyGrads {
   }
 };
 
-// du and wkv5's dw are fp32 [B,H,N], zeroed by the caller and summed into atomically (one add per block).
+// du and wkv5's dw: fp32 [G, B, H, N], each block's share stored once (the host sums over G when G > 1).
 template <typename F, class Tl>
 __global__ void __launch_bounds__(Tl::kThreads) bwd_kernel(int T, int H, const F* __restrict__ r,
     const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ u,
@@ -225,12 +228,13 @@ __global__ void __launch_bounds__(Tl::kThreads) bwd_kernel(int T, int H, const F
       du_acc += rj * kj * dyv;
       const float dwj = -ddj * dj * sew[ld][jc];
       if (!kTimeDecay) dw_acc += dwj;
-      if (q == 0) out.put(o + jc, drj, dkj, dwj);
+      if (q == 0) out.put(g, o + jc, drj, dkj, dwj);
     }
   }
   if (q == 0) {
-    atomicAdd(du + int64_t(bh) * N + jc, du_acc);
-    if (!kTimeDecay) atomicAdd(dw_const + int64_t(bh) * N + jc, dw_acc);
+    const int64_t share = (int64_t(g) * (gridDim.x / Tl::G) + bh) * N + jc;
+    du[share] = du_acc;
+    if (!kTimeDecay) dw_const[share] = dw_acc;
   }
   float* gout = ds0 + int64_t(bh) * N * N + g * R * N + jc;
 #pragma unroll
@@ -276,33 +280,37 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
                torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor du, torch::Tensor ds0,
                int rows) {
   const int B = r.size(0), T = r.size(1), H = r.size(2);
-  du.zero_();
-  if (!kTimeDecay) dw.zero_();
   with_tile(B * H, rows, [&](auto tile) {
     using Tl = decltype(tile);
-    constexpr bool kAtomic = Tl::G > 1;
-    torch::Tensor acc;
-    KeyGrads<F, kAtomic> out{mptr<F>(dr), mptr<F>(dk), kTimeDecay ? mptr<F>(dw) : nullptr, nullptr, r.numel()};
-    if (kAtomic) {
-      acc = torch::zeros({3, r.numel()}, r.options().dtype(torch::kFloat));
-      out.acc = acc.data_ptr<float>();
+    constexpr bool kPartial = Tl::G > 1;
+    KeyGrads<F, kPartial> out{mptr<F>(dr), mptr<F>(dk), kTimeDecay ? mptr<F>(dw) : nullptr, nullptr, r.numel()};
+    torch::Tensor part, du_part = du, dw_part = dw;  // G == 1: the blocks' shares are the results
+    const auto f32 = r.options().dtype(torch::kFloat);
+    if (kPartial) {
+      part = torch::empty({Tl::G, 3, r.numel()}, f32);
+      out.part = part.data_ptr<float>();
+      du_part = torch::empty({Tl::G, du.numel()}, f32);
+      if (!kTimeDecay) dw_part = torch::empty({Tl::G, dw.numel()}, f32);
     }
     const size_t smem = (size_t(2 * CK + 1 + 2 * kDecayRows) * Tl::N + size_t(2 * CK) * Tl::R +
                          (Tl::kSmemScratch ? size_t(CK) * Tl::R * Tl::RS : 0)) * sizeof(float);
     torch::Tensor scr = scratch;  // global recompute scratch, only for tiles whose scratch is not in shared memory
     if (!Tl::kSmemScratch && scr.numel() < int64_t(B) * H * Tl::G * CK * Tl::R * Tl::N)
-      scr = torch::empty({int64_t(B) * H * Tl::G * CK * Tl::R * Tl::N}, r.options().dtype(torch::kFloat));
+      scr = torch::empty({int64_t(B) * H * Tl::G * CK * Tl::R * Tl::N}, f32);
     auto kern = bwd_kernel<F, Tl>;
     wkv::allow_smem(kern, smem);
     kern<<<B * H * Tl::G, Tl::kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w),
         cptr<F>(k), cptr<F>(v), cptr<F>(u), cptr<F>(dy), dsT.data_ptr<float>(), ckpt.data_ptr<float>(),
-        scr.data_ptr<float>(), out, mptr<F>(dv), du.data_ptr<float>(),
-        kTimeDecay ? nullptr : dw.data_ptr<float>(), ds0.data_ptr<float>());
+        scr.data_ptr<float>(), out, mptr<F>(dv), du_part.data_ptr<float>(),
+        kTimeDecay ? nullptr : dw_part.data_ptr<float>(), ds0.data_ptr<float>());
     WKV_LAUNCH_CHECK();
-    if (kAtomic) {
-      dr.view({-1}).copy_(acc[0]);
-      dk.view({-1}).copy_(acc[1]);
-      if (kTimeDecay) dw.view({-1}).copy_(acc[2]);
+    if (kPartial) {  // sums over the G blocks of each head, in a fixed order
+      const torch::Tensor key_grads = part.sum(0);
+      dr.view({-1}).copy_(key_grads[0]);
+      dk.view({-1}).copy_(key_grads[1]);
+      if (kTimeDecay) dw.view({-1}).copy_(key_grads[2]);
+      du.view({-1}).copy_(du_part.sum(0));
+      if (!kTimeDecay) dw.view({-1}).copy_(dw_part.sum(0));
     }
   });
 }

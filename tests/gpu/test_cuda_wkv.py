@@ -167,16 +167,20 @@ def test_inputs_that_start_mid_row(version):
         assert torch.equal(got[name], ref[name]), name
 
 
+@pytest.mark.parametrize("knob", [dict(kernel="chunked"), dict(kernel="sequential", rows_per_block=16),
+                                  dict(kernel="sequential", rows_per_block=8)], ids=["chunked", "seq-rows16", "seq-rows8"])
 @pytest.mark.parametrize("version", [5, 6])
-def test_chunked_parameter_gradients_are_deterministic(version):
-    """du (and wkv5's dw), sums over every chunk of a head, come out as the same bits on every run: per-chunk shares
-    summed in a fixed order, no atomics."""
+def test_wkv56_gradients_are_deterministic(version, knob):
+    """Every gradient comes out as the same bits on every run, where sums cross blocks too: du (and wkv5's dw) over
+    every chunk of a head (chunked kernel), and dr/dk/dw/du over the 4 or 8 blocks that share a head (sequential
+    kernel with 16 or 8 value rows per block). Each block stores its share and the host sums them in a fixed order;
+    no atomics."""
     inputs = make_inputs(version, 2, 300, 3, 64, torch.bfloat16, seed=31)
     g = torch.Generator(device="cuda").manual_seed(32)
     gy = torch.randn(2, 300, 3, 64, generator=g, device="cuda")
     gs = torch.randn(2, 3, 64, 64, generator=g, device="cuda")
     op = ops.get_wkv(version, "cuda")
-    first, second = (run(lambda *xs: op(*xs, kernel="chunked"), inputs, gy, gs) for _ in range(2))
+    first, second = (run(lambda *xs: op(*xs, **knob), inputs, gy, gs) for _ in range(2))
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
