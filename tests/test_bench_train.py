@@ -121,6 +121,22 @@ def test_kernel_classes_and_shares():
     assert math.fsum(shares.values()) == pytest.approx(1.0)
 
 
+def test_top_ops_ranks_by_own_gpu_time_and_drops_host_only_ops():
+    """top_ops on a stand-in for a profiler: operators (name + input shapes) by their own GPU time, most first,
+    those without GPU time left out, at most n rows, microseconds reported as milliseconds."""
+    from types import SimpleNamespace as Op
+
+    events = [Op(key="aten::mm", input_shapes=[[4, 8], [8, 2]], self_device_time_total=1500.0, count=3),
+              Op(key="aten::view", input_shapes=[[4, 8]], self_device_time_total=0.0, count=9),
+              Op(key="aten::copy_", input_shapes=[[4, 8], [4, 8]], self_device_time_total=2500.0, count=2),
+              Op(key="aten::add_", input_shapes=[[4, 8], [4, 8], []], self_device_time_total=500.0, count=1)]
+    prof = Op(key_averages=lambda group_by_input_shape: events if group_by_input_shape else [])
+    assert bt.top_ops(prof, n=2) == [
+        dict(op="aten::copy_", shapes="[[4, 8], [4, 8]]", ms=2.5, calls=2),
+        dict(op="aten::mm", shapes="[[4, 8], [8, 2]]", ms=1.5, calls=3)]
+    assert [r["op"] for r in bt.top_ops(prof)] == ["aten::copy_", "aten::mm", "aten::add_"]
+
+
 def _row(model, T, mode, B, tok_s, peak=None, mfu=None, step_s=1.0):
     r = dict(model=model, T=T, mode=mode, B=B, fill=False, tokens_per_s=tok_s, mfu=mfu, step_s=step_s, segments=1,
              ce="fused")
