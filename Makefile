@@ -8,7 +8,7 @@ RECIPE ?= recipes/cpu-demo.yaml
 CONFIG ?= data/configs/sample.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install test test-gpu gpu-check train data bench-kernels bench-data bench-train demo clean
+.PHONY: install test test-gpu gpu-check train data bench-kernels bench-data bench-train bench-wkv7-precision demo clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ bench-data: install
 
 bench-train: install
 	$(PY) -m infctx.bench.train
+
+# CPU: errors of the chunked wkv7 with every matmul's operands rounded to tf32 / bf16 (a tensor-core kernel's design)
+bench-wkv7-precision: install
+	$(PY) -m infctx.bench.wkv7_precision
 
 clean:
 	rm -rf $(VENV) *.egg-info

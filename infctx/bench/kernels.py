@@ -40,9 +40,10 @@ class BenchConfig:
     profile: bool = False  # also record the GPU time per kernel of our default impl (torch profiler)
 
 
-def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g, device="cuda") * scale  # noqa: E731
+def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0,
+                device: str = "cuda") -> dict[str, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g, device=device) * scale  # noqa: E731
     x = dict(r=rnd(B, T, H, N, scale=0.5), k=rnd(B, T, H, N, scale=0.5), v=rnd(B, T, H, N))
     if version == 7:
         kappa = torch.nn.functional.normalize(rnd(B, T, H, N), dim=-1)
