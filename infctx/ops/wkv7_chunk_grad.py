@@ -22,16 +22,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._chunk import from_chunks, to_chunks
+from ._chunk import ChunkDecay, from_chunks, to_chunks
 from ._common import wkv7_log_decay
 
 
 def chunk_terms(lw, r, k, v, a, b):
     """The decay-scaled inputs and the strictly/inclusively lower-triangular pair matrices of one chunk."""
-    c = lw.cumsum(-2)
-    cb = F.pad(c[..., :-1, :], (0, 0, 1, 0))
-    E, Eb, after = torch.exp(c), torch.exp(cb), torch.exp(c[..., -1:, :] - c)
-    t = dict(c=c, E=E, Eb=Eb, after=after, total=E[..., -1, :], r_in=r * E, a_ex=a * Eb, b_src=b / E, k_src=k / E,
+    d = ChunkDecay(lw)
+    E, Eb, after = d.upto, d.before, d.after
+    t = dict(E=E, Eb=Eb, after=after, total=d.total, r_in=r * E, a_ex=a * Eb, b_src=b / E, k_src=k / E,
              b_end=b * after, k_end=k * after)
     t["Mb"] = (t["a_ex"] @ t["b_src"].mT).tril(-1)
     t["Mk"] = (t["a_ex"] @ t["k_src"].mT).tril(-1)
