@@ -157,7 +157,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("bench/results/wkv7-mma-precision"))
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     res = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), torch=torch.__version__,
                rows=[measure(T, args.chunk) for T in args.T])
     args.out.mkdir(parents=True, exist_ok=True)

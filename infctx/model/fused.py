@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from infctx.model.common import token_shift
-from infctx.ops.fused_ce import compute_dtype
 from infctx.model.config import FUSE_MODES  # noqa: F401 (the values `mode` takes; validated by ModelConfig)
+from infctx.ops.fused_ce import compute_dtype
 
 
 def compiles(mode: str, x: Tensor) -> bool:
