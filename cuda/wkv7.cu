@@ -559,6 +559,34 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
 
 }  // namespace
 
+#include "wkv7_chunked.cuh"
+
+int wkv7_packet_floats() { return wkv7tc::kPacketFloats; }
+
+// The chunked tensor-core forward (wkv7_chunked.cuh): every chunk's S-independent terms at once, then one pass over
+// chunks per head. Same outputs as wkv7_forward_cuda; `packet` is its fp32 workspace, [B*H*nc, packet_floats].
+void wkv7_forward_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
+                               torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT,
+                               torch::Tensor ckpt, torch::Tensor sa, torch::Tensor packet) {
+  const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + CK - 1) / CK;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto element) {
+    using F = decltype(element);
+    wkv7tc::prep_kernel<F><<<B * H * nc, WKV_N, 0, stream>>>(T, H, kDecayScale, cptr<F>(r), cptr<F>(w), cptr<F>(k),
+                                                            cptr<F>(v), cptr<F>(a), cptr<F>(b), packet.data_ptr<float>());
+    WKV_LAUNCH_CHECK();
+    auto state = wkv7tc::state_kernel<F>;
+    wkv::allow_smem(state, wkv7tc::StateSmem::kBytes);
+    state<<<B * H, wkv7tc::kThreads, wkv7tc::StateSmem::kBytes, stream>>>(T, H, packet.data_ptr<float>(),
+        s0.data_ptr<float>(), mptr<F>(y), sT.data_ptr<float>(), ckpt.data_ptr<float>(), sa.data_ptr<float>());
+    WKV_LAUNCH_CHECK();
+  };
+  if (r.scalar_type() == at::kBFloat16)
+    launch(__nv_bfloat16{});
+  else
+    launch(float{});
+}
+
 void wkv7_forward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                        torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
                        torch::Tensor sa, int split, int groups) {

@@ -6,6 +6,10 @@
 void wkv7_forward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                        torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
                        torch::Tensor sa, int split, int groups);
+void wkv7_forward_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
+                               torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT,
+                               torch::Tensor ckpt, torch::Tensor sa, torch::Tensor packet);
+int wkv7_packet_floats();
 void wkv7_backward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                         torch::Tensor b, torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa,
                         torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
@@ -41,6 +45,16 @@ static void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Te
   wkv::check_seq(r, {r, w, k, v, a, b, y}, WKV_N);
   check_buffers(r, {s0, sT}, ckpt, sa);
   wkv7_forward_cuda(r, w, k, v, a, b, s0, y, sT, ckpt, sa, split, groups);
+}
+
+static void forward_chunked(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
+                            torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
+                            torch::Tensor sa, torch::Tensor packet) {
+  wkv::check_seq(r, {r, w, k, v, a, b, y}, WKV_N);
+  check_buffers(r, {s0, sT}, ckpt, sa);
+  wkv::check_f32_numel({packet}, wkv::Sizes(r).ckpt() / (WKV_N * WKV_N) * wkv7_packet_floats(),
+                       "the packet workspace [B*H*ceil(T/16), packet_floats]");
+  wkv7_forward_chunked_cuda(r, w, k, v, a, b, s0, y, sT, ckpt, sa, packet);
 }
 
 static void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
@@ -81,6 +95,9 @@ static void span_scan_back(torch::Tensor dsT, torch::Tensor p, torch::Tensor q, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "wkv7 forward: (r,w,k,v,a,b,s0) -> fills y, sT, end-of-chunk states, sa; split: "
         "threads per state index (0 auto); groups: forward blocks per head (0 auto)");
+  m.def("forward_chunked", &forward_chunked, "wkv7 forward on tensor cores, chunk terms at once then a pass over "
+        "chunks (head size 64): the outputs of forward; packet: fp32 workspace of packet_floats per chunk");
+  m.def("packet_floats", &wkv7_packet_floats);
   m.def("backward", &backward, "wkv7 backward: fills every input gradient and ds0 from dy and dsT");
   m.def("transfer", &transfer, "wkv7 span transfer: per batch row, own state u, transition p and q = P r (fp32)");
   m.def("span_scan", &span_scan, "wkv7 span scan: state at every span start from s0, p, u");

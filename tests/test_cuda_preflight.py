@@ -200,7 +200,7 @@ def test_wkv7_span_choice(monkeypatch):
     from infctx.ops import cuda_wkv
 
     picked = []
-    monkeypatch.setattr(cuda_wkv._WKV7, "apply", lambda *a: picked.append(("sequential", a[-1])))
+    monkeypatch.setattr(cuda_wkv._WKV7, "apply", lambda *a: picked.append(("sequential", a[8])))
     monkeypatch.setattr(cuda_wkv._WKV7Spans, "apply", lambda *a: picked.append(("spans", a[-1])))
     few, many = torch.zeros(1, 4096, 2, 64), torch.zeros(4, 256, 32, 64)
     for x, span in ((few, None), (few, 0), (few, 1024), (many, None)):
@@ -212,7 +212,10 @@ def test_wkv7_span_choice(monkeypatch):
         assert f"span={span} must be 0" in one_line(err) and "T=4096" in str(err.value)
     picked.clear()
     cuda_wkv._wkv7(*[many] * 6, None, 0, None, 2)
-    assert picked == [("sequential", 2)]  # the sequential Function's last argument is groups
+    assert picked == [("sequential", 2)]  # argument 8 of the whole-T Function is groups
+    with pytest.raises(ValueError) as err:
+        cuda_wkv._wkv7(*[many] * 6, None, 0, None, 0, "mma")
+    assert "forward='mma' must be 'auto', 'sequential' or 'chunked'" in one_line(err)
     for groups in (3, 8, -1):
         with pytest.raises(ValueError) as err:
             cuda_wkv._wkv7(*[many] * 6, None, 0, None, groups)

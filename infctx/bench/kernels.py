@@ -3,7 +3,9 @@
 bf16 inputs, fp32 state in and out (initial_state and output_final_state on for fla too), N = 64, the shapes
 of issue 3. RWKV-7 is compared with fla `chunk_rwkv7` (w passed as log-decay), RWKV-5/6 with fla
 `chunk_rwkv6` (RWKV-5's constant decay expanded over time); wkv5/6 time both our kernels, the chunk-parallel
-default (`ours`) and the sequential one (`ours-seq`). Writes bench/results/kernels.json and kernels.md.
+default (`ours`) and the sequential one (`ours-seq`); wkv7 times the default (`ours`), one pass over the whole T
+with the sequential forward (`ours-seq`) and with the chunked tensor-core forward (`ours-chunked`; with the span
+path where it applies: `ours-chunked-spans`). Writes bench/results/kernels.json and kernels.md.
 Timing: CUDA events around fwd+bwd, median of `reps` after `warmup` runs; peak memory is the allocator's peak
 during one fwd+bwd above what the inputs already hold.
 """
@@ -62,10 +64,12 @@ GROUPS_SWEEP = (1, 2, 4)  # wkv7 forward blocks per head timed by --sweep (seque
 SWEEP = {7: ("s", "split", (2, 4, 8)), 6: ("r", "rows_per_block", (8, 16, 64)), 5: ("r", "rows_per_block", (8, 16, 64))}
 
 
-def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | None = None, groups: int = 0) -> Callable:
+def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | None = None, groups: int = 0,
+         forward: str = "auto") -> Callable:
     """Our kernel; tiling != 0 forces the tuning knob (wkv7: threads per state row, wkv5/6: rows per block of
     the sequential kernel); `kernel` picks wkv5/6's chunk-parallel or sequential kernel, `span` wkv7's span
-    length (None: auto, 0: the sequential kernels over the whole T), `groups` wkv7's forward blocks per head."""
+    length (None: auto, 0: the whole T in one pass), `groups` wkv7's forward blocks per head, `forward` wkv7's
+    forward kernel (auto, sequential, chunked)."""
     from infctx import ops
 
     op = ops.get_wkv(version, "cuda")
@@ -73,7 +77,7 @@ def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | Non
     if version != 7:
         knobs["kernel"] = "sequential" if tiling else kernel
     else:
-        knobs.update(span=span, groups=groups)
+        knobs.update(span=span, groups=groups, forward=forward)
     return lambda x: op(*x.values(), **knobs)
 
 
@@ -198,7 +202,9 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
         if version != 7:  # the sequential wkv5/6 kernel beside the chunked default, in the same run
             variants["ours-seq"] = functools.partial(ours, kernel="sequential")
         else:  # wkv7 without the span path, and (sweep) with each span length
-            variants["ours-seq"] = functools.partial(ours, span=0)
+            variants["ours-seq"] = functools.partial(ours, span=0, forward="sequential")
+            variants["ours-chunked"] = functools.partial(ours, span=0, forward="chunked")
+            variants["ours-chunked-spans"] = functools.partial(ours, forward="chunked")
             if cfg.sweep:
                 variants.update({f"ours-L{n}": functools.partial(ours, span=n) for n in SPAN_SWEEP})
                 variants.update({f"ours-seq-g{n}": functools.partial(ours, span=0, groups=n) for n in GROUPS_SWEEP})

@@ -33,7 +33,8 @@ import torch
 log = logging.getLogger(__name__)
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 SOURCES = {7: ("wkv7.cu", "wkv7_op.cpp"), 6: ("wkv6.cu", "wkv6_op.cpp"), 5: ("wkv5.cu", "wkv5_op.cpp")}
-HEADERS = ("wkv_common.cuh", "wkv_error.h", "wkv_check.h", "wkv56_kernels.cuh", "wkv56_chunked.cuh", "wkv56_bind.h")
+HEADERS = ("wkv_common.cuh", "wkv_error.h", "wkv_check.h", "wkv56_kernels.cuh", "wkv56_chunked.cuh", "wkv56_bind.h",
+           "wkv7_chunked.cuh")
 HEAD_SIZES = {5: (64,), 6: (64,), 7: (64, 128)}
 MIN_CAPABILITY = (8, 0)  # bf16 arithmetic
 # The language standard is torch's own (cpp_extension passes -std=c++20, which its headers are written for).

@@ -239,6 +239,29 @@ def test_wkv7_head_size_128(shape, dtype, split):
     check_against_reference(7, *shape, N=128, dtype=dtype, knob={"split": split})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 37, 3), (3, 1, 2), (1, 64, 2), (2, 19, 40), (2, 1000, 4)],
+                         ids=lambda s: "B{}T{}H{}".format(*s))
+@pytest.mark.parametrize("N", [64, 128])
+def test_wkv7_chunked_forward(shape, dtype, N):
+    """The chunked tensor-core forward (fp32-grade products) feeds the sequential backward: y, sT and every gradient
+    within the same contracts as the sequential forward (fp32 1e-5, bf16 5e-3)."""
+    check_against_reference(7, *shape, N=N, dtype=dtype, knob={"forward": "chunked", "span": 0})
+
+
+def test_wkv7_chunked_forward_equals_sequential_forward():
+    """Both forwards write the same y, sT, checkpoints and sa (fp32 inputs, T not a multiple of 16, non-zero s0)."""
+    from infctx.ops.cuda_build import load_extension
+    from infctx.ops.cuda_wkv import _forward7
+
+    x = make_inputs(7, 2, 45, 3, 64, torch.float32, seed=5)
+    ext = load_extension(7, 64, torch.device("cuda"))
+    seq = [x[n] for n in ("r", "w", "k", "v", "a", "b")]
+    outs = [_forward7(ext, seq, x["s0"], 0, 0, kernel) for kernel in ("sequential", "chunked")]
+    for name, want, got in zip(("y", "sT", "ckpt", "sa"), *outs):
+        assert rel_rms(got, want) < 5e-6, name
+
+
 def test_wkv7_decay_near_one_and_strong():
     """Backstepping divides by the decay: check the extremes of sigmoid (w = +-12) against the oracle in fp32."""
     inputs = make_inputs(7, 2, 50, 2, 64, torch.float32, seed=11)
