@@ -42,8 +42,8 @@ template <typename F>
 __global__ void __launch_bounds__(WKV_N) prep_kernel(int T, int H, float decay_scale, const F* __restrict__ r,
     const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
     const F* __restrict__ b, float* __restrict__ packet) {
-  constexpr int N = WKV_N, LP = N + 1;  // LP: odd pitch, the pair products read 16 rows at one column
-  __shared__ float a_ex[CK][N], r_in[CK][N], b_src[CK][LP], k_src[CK][LP];
+  constexpr int N = WKV_N, LP = N + 4;  // LP: 8 threads reading float4s of 8 rows hit distinct banks
+  __shared__ __align__(16) float a_ex[CK][LP], r_in[CK][LP], b_src[CK][LP], k_src[CK][LP];
   __shared__ float pair[4][CK][CK];  // Mb, Mk, Pb, Pk
   const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
   const int bb = bh / H, h = bh % H, j = threadIdx.x, t0 = c * CK, L = min(CK, T - t0);
@@ -74,14 +74,32 @@ __global__ void __launch_bounds__(WKV_N) prep_kernel(int T, int H, float decay_s
     vj[t] = in ? wkv::to_f(v[o]) : 0.f;
   }
   __syncthreads();
-  for (int e = j; e < 4 * CK * CK; e += N) {  // the four pair matrices, masked to their triangles
-    const int m = e / (CK * CK), t = (e / CK) % CK, s = e % CK;
-    const float* lhs = m < 2 ? a_ex[t] : r_in[t];
-    const float* rhs = (m & 1) ? k_src[s] : b_src[s];
-    float acc = 0.f;
-    if (m < 2 ? s < t : s <= t)
-      for (int x = 0; x < N; ++x) acc += lhs[x] * rhs[x];
-    pair[m][t][s] = acc;
+  // The four pair matrices, masked to their triangles; each (m, 4x4 tile) work item reads float4s of 4 + 4 rows.
+  for (int item = j; item < 4 * (CK / 4) * (CK / 4); item += N) {
+    const int m = item / 16, t0q = 4 * ((item / 4) % 4), s0q = 4 * (item % 4);
+    const float(*lhs)[LP] = m < 2 ? a_ex : r_in;
+    const float(*rhs)[LP] = (m & 1) ? k_src : b_src;
+    float acc[4][4] = {};
+    for (int x = 0; x < N; x += 4) {
+      float4 l[4], rr[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        l[u] = *reinterpret_cast<const float4*>(&lhs[t0q + u][x]);
+        rr[u] = *reinterpret_cast<const float4*>(&rhs[s0q + u][x]);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int z = 0; z < 4; ++z)
+          acc[u][z] += l[u].x * rr[z].x + l[u].y * rr[z].y + l[u].z * rr[z].z + l[u].w * rr[z].w;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int z = 0; z < 4; ++z) {
+        const int t = t0q + u, s = s0q + z;
+        pair[m][t][s] = (m < 2 ? s < t : s <= t) ? acc[u][z] : 0.f;
+      }
   }
   __syncthreads();
   // Column j: W = (I - Mb)^-1 a_ex, Z = (I - Mb)^-1 Mk V (forward substitution), R = r_in + Pb W, Y = Pb Z + Pk V
@@ -149,12 +167,16 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// d += A B for one 16x8x8 tile, operands as fp32 (A's four fragment values, B's two), split into hi/lo parts.
-__device__ __forceinline__ void mma3(float (&d)[4], float a0, float a1, float a2, float a3, float b0, float b1) {
-  const Split A0 = split(a0), A1 = split(a1), A2 = split(a2), A3 = split(a3), B0 = split(b0), B1 = split(b1);
-  mma_tf32(d, A0.lo, A1.lo, A2.lo, A3.lo, B0.hi, B1.hi);
-  mma_tf32(d, A0.hi, A1.hi, A2.hi, A3.hi, B0.lo, B1.lo);
-  mma_tf32(d, A0.hi, A1.hi, A2.hi, A3.hi, B0.hi, B1.hi);
+// d += A B for one 16x8x8 tile from split operands: A's four fragment values, B's two; lo*hi terms first.
+__device__ __forceinline__ void mma3(float (&d)[4], const Split (&A)[4], const Split (&B)[2]) {
+  mma_tf32(d, A[0].lo, A[1].lo, A[2].lo, A[3].lo, B[0].hi, B[1].hi);
+  mma_tf32(d, A[0].hi, A[1].hi, A[2].hi, A[3].hi, B[0].lo, B[1].lo);
+  mma_tf32(d, A[0].hi, A[1].hi, A[2].hi, A[3].hi, B[0].hi, B[1].hi);
+}
+
+__device__ __forceinline__ void mma3(float (&d)[4], const Split (&A)[4], float2 b) {
+  const Split B[2] = {split(b.x), split(b.y)};
+  mma3(d, A, B);
 }
 
 // Fragment indices (PTX m16n8k8 tf32): lane = 4g + q. A (16x8): a0 (g, q), a1 (g+8, q), a2 (g, q+4), a3 (g+8, q+4);
@@ -211,13 +233,12 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
     }
 #pragma unroll
     for (int kt = 0; kt < NT; ++kt) {  // U^T += S W^T, y^T += S R^T over keys 8kt..8kt+7
+      const Split A[4] = {split(S[kt][0]), split(S[kt][2]), split(S[kt][1]), split(S[kt][3])};
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         const int row = (8 * nt + g) * kLdRow + 8 * kt + 2 * q;
-        const float2 wv = *reinterpret_cast<const float2*>(Ws + row);
-        const float2 rv = *reinterpret_cast<const float2*>(Rs + row);
-        mma3(U[nt], S[kt][0], S[kt][2], S[kt][1], S[kt][3], wv.x, wv.y);
-        mma3(Y[nt], S[kt][0], S[kt][2], S[kt][1], S[kt][3], rv.x, rv.y);
+        mma3(U[nt], A, *reinterpret_cast<const float2*>(Ws + row));
+        mma3(Y[nt], A, *reinterpret_cast<const float2*>(Rs + row));
       }
     }
 #pragma unroll
@@ -242,13 +263,13 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
       const int t = 8 * kt + 2 * q;
       const float2 x0 = *reinterpret_cast<const float2*>(XT + (i0 + g) * kLdCol + t);
       const float2 x1 = *reinterpret_cast<const float2*>(XT + (i0 + g + 8) * kLdCol + t);
+      const Split Au[4] = {split(U[kt][0]), split(U[kt][2]), split(U[kt][1]), split(U[kt][3])};
+      const Split Ax[4] = {split(x0.x), split(x1.x), split(x0.y), split(x1.y)};
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         const int col = (8 * n + g) * kLdCol + t;
-        const float2 pv = *reinterpret_cast<const float2*>(PT + col);
-        const float2 qv = *reinterpret_cast<const float2*>(QT + col);
-        mma3(S[n], U[kt][0], U[kt][2], U[kt][1], U[kt][3], pv.x, pv.y);
-        mma3(S[n], x0.x, x1.x, x0.y, x1.y, qv.x, qv.y);
+        mma3(S[n], Au, *reinterpret_cast<const float2*>(PT + col));
+        mma3(S[n], Ax, *reinterpret_cast<const float2*>(QT + col));
       }
     }
     float* cp = ckpt + (int64_t(bh) * nc + c) * N * N;  // the state at the end of chunk c

@@ -39,7 +39,7 @@ class BenchConfig:
     reps: int = 10
     with_fla: bool = True
     sweep: bool = False  # also time each forced tiling of our kernels (wkv7: split, wkv5/6: rows per block)
-    profile: bool = False  # also record the GPU time per kernel of our default impl (torch profiler)
+    profile: bool = False  # also record the GPU time per kernel of each of our variants (torch profiler)
 
 
 def make_inputs(version: int, B: int, T: int, H: int, N: int, seed: int = 0,
@@ -222,9 +222,9 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
                     times[name] = dict(error="out of memory")
                 del x
                 torch.cuda.empty_cache()
-                if cfg.profile and name == "ours" and "error" not in times[name]:
+                if cfg.profile and name.startswith("ours") and "error" not in times[name]:
                     x = make_inputs(version, B, T, H, cfg.head_size)
-                    res["profiles"][f"wkv{version} ours ({B},{T},{H})"] = kernel_times(make_fn(version), x)
+                    res["profiles"][f"wkv{version} {name} ({B},{T},{H})"] = kernel_times(make_fn(version), x)
                     del x
                 res["rows"][first:] = shape_rows(version, B, T, H, times, cfg)
                 print(json.dumps(res["rows"][-1]), flush=True)
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=BenchConfig.reps)
     p.add_argument("--no-fla", action="store_true", help="skip the fla comparison")
     p.add_argument("--sweep", action="store_true", help="also time every tiling of our kernels")
-    p.add_argument("--profile", action="store_true", help="also record the GPU time per kernel of ours")
+    p.add_argument("--profile", action="store_true", help="also record the GPU time per kernel of our variants")
     p.add_argument("--shapes", nargs="+", default=None, metavar="B,T,H", help="shapes to time (default: issue 3's)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
