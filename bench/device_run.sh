@@ -11,7 +11,8 @@
 #   bench-train   python3 -m infctx.bench.train, 0.1B, 4k..1M, full+truncated, within BENCH_TRAIN_BUDGET_S (270)
 #   ncu           Nsight Compute counters (occupancy, stalls, shared-memory wavefronts) of one wkv7 forward and
 #                 backward launch per shape in NCU_SHAPES (B,T,H ...; default 16,1024,32 4,4096,32), sequential
-#                 kernels (span 0), kernels matching NCU_KERNELS (regex, default fwd_kernel|bwd_kernel)
+#                 kernels (span 0; NCU_FORWARD=chunked: the chunked forward), kernels matching NCU_KERNELS (regex,
+#                 default fwd_kernel|bwd_kernel)
 # Env: OUT (files to bring back; default /tmp/device_run_out), BUDGET_S (570: whole script; a stage that no longer
 # fits is skipped, the last one's timeout is cut), PY (python3), TRAIN_ARGS (extra `infctx fit` overrides),
 # <STAGE>_S (a stage's time, e.g. TESTS_S=120, BENCH_TRAIN_S=300), CHECK_CORPUS_MB (64), SKIP_WHEELS=1 (don't pip install .whl/*.whl), KERNELS_VERBOSE=0 (no compiler output).
@@ -75,12 +76,12 @@ st_ncu() {
 smsp__inst_executed_op_shared_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,\
 l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum,smsp__inst_executed_op_shfl.sum \
     $PY -c '
-import sys, torch
+import os, sys, torch
 from infctx.bench.kernels import make_inputs, ours
 for shape in sys.argv[1:]:
     B, T, H = map(int, shape.split(","))
     x = make_inputs(7, B, T, H, 64)
-    y, s = ours(7, span=0)(x)
+    y, s = ours(7, span=0, forward=os.environ.get("NCU_FORWARD", "sequential"))(x)
     torch.autograd.backward([y, s], [torch.randn_like(y), torch.randn_like(s)])
     torch.cuda.synchronize()
     print("ncu: ran", shape, flush=True)

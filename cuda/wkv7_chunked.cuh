@@ -11,7 +11,8 @@
 //   U = W S^T + Z,   y = R S^T + Y,   S <- S diag(e^{c_L}) + U^T b_end + V^T k_end.
 // What is left is a pass over chunks per head (state_kernel) whose products run on tensor cores (mma.sync m16n8k8,
 // tf32 operands split into a high and a low part, three products each: fp32-grade results, so fp32 inputs keep
-// their 1e-5 contract and the backward, which backsteps from these outputs, sees what the sequential forward gives).
+// their 1e-5 contract and the backward, which backsteps from these outputs, sees what the sequential forward gives;
+// one tf32 product was measured to leave da of bf16 inputs at 5.1-5.8e-3, over their 5e-3).
 // Value rows of S never mix, so each warp owns 16 rows and keeps them in registers as mma accumulators; with the key
 // index permuted the accumulator layout is also the A-operand layout, so S never goes through shared memory.
 #pragma once
@@ -44,7 +45,7 @@ __global__ void __launch_bounds__(WKV_N) prep_kernel(int T, int H, float decay_s
     const F* __restrict__ b, float* __restrict__ packet) {
   constexpr int N = WKV_N, LP = N + 4;  // LP: 8 threads reading float4s of 8 rows hit distinct banks
   __shared__ __align__(16) float a_ex[CK][LP], r_in[CK][LP], b_src[CK][LP], k_src[CK][LP];
-  __shared__ float pair[4][CK][CK];  // Mb, Mk, Pb, Pk
+  __shared__ __align__(16) float pair[4][CK][CK];  // Mb, Mk, Pb, Pk
   const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
   const int bb = bh / H, h = bh % H, j = threadIdx.x, t0 = c * CK, L = min(CK, T - t0);
   float lw[CK], vj[CK], b_end[CK], k_end[CK];
@@ -91,7 +92,8 @@ __global__ void __launch_bounds__(WKV_N) prep_kernel(int T, int H, float decay_s
       for (int u = 0; u < 4; ++u)
 #pragma unroll
         for (int z = 0; z < 4; ++z)
-          acc[u][z] += l[u].x * rr[z].x + l[u].y * rr[z].y + l[u].z * rr[z].z + l[u].w * rr[z].w;
+          acc[u][z] = fmaf(l[u].w, rr[z].w,
+                           fmaf(l[u].z, rr[z].z, fmaf(l[u].y, rr[z].y, fmaf(l[u].x, rr[z].x, acc[u][z]))));
     }
 #pragma unroll
     for (int u = 0; u < 4; ++u)
@@ -103,14 +105,24 @@ __global__ void __launch_bounds__(WKV_N) prep_kernel(int T, int H, float decay_s
   }
   __syncthreads();
   // Column j: W = (I - Mb)^-1 a_ex, Z = (I - Mb)^-1 Mk V (forward substitution), R = r_in + Pb W, Y = Pb Z + Pk V
+  auto pair_row = [&](int m, int t, float (&row)[CK]) {  // one row of a pair matrix, four float4 reads
+#pragma unroll
+    for (int x = 0; x < CK / 4; ++x) {
+      const float4 f = *reinterpret_cast<const float4*>(&pair[m][t][4 * x]);
+      row[4 * x] = f.x, row[4 * x + 1] = f.y, row[4 * x + 2] = f.z, row[4 * x + 3] = f.w;
+    }
+  };
   float Wc[CK], Zc[CK];
 #pragma unroll
   for (int t = 0; t < CK; ++t) {
+    float mb[CK], mk[CK];
+    pair_row(0, t, mb);
+    pair_row(1, t, mk);
     float wt = a_ex[t][j], zt = 0.f;
 #pragma unroll
     for (int s = 0; s < t; ++s) {
-      wt += pair[0][t][s] * Wc[s];
-      zt += pair[0][t][s] * Zc[s] + pair[1][t][s] * vj[s];
+      wt += mb[s] * Wc[s];
+      zt += mb[s] * Zc[s] + mk[s] * vj[s];
     }
     Wc[t] = wt, Zc[t] = zt;
   }
@@ -118,11 +130,14 @@ __global__ void __launch_bounds__(WKV_N) prep_kernel(int T, int H, float decay_s
   float Yc[CK];
 #pragma unroll
   for (int t = 0; t < CK; ++t) {
+    float pb[CK], pk[CK];
+    pair_row(2, t, pb);
+    pair_row(3, t, pk);
     float rt = r_in[t][j], yt = 0.f;
 #pragma unroll
     for (int s = 0; s <= t; ++s) {
-      rt += pair[2][t][s] * Wc[s];
-      yt += pair[2][t][s] * Zc[s] + pair[3][t][s] * vj[s];
+      rt += pb[s] * Wc[s];
+      yt += pb[s] * Zc[s] + pk[s] * vj[s];
     }
     out[kW * kPartFloats + t * N + j] = Wc[t];
     out[kR * kPartFloats + t * N + j] = rt;
@@ -167,16 +182,12 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// d += A B for one 16x8x8 tile from split operands: A's four fragment values, B's two; lo*hi terms first.
-__device__ __forceinline__ void mma3(float (&d)[4], const Split (&A)[4], const Split (&B)[2]) {
+// d += A B for one 16x8x8 tile from split operands (A's four fragment values, B's two): lo*hi terms first.
+__device__ __forceinline__ void mma3(float (&d)[4], const Split (&A)[4], float2 b) {
+  const Split B[2] = {split(b.x), split(b.y)};
   mma_tf32(d, A[0].lo, A[1].lo, A[2].lo, A[3].lo, B[0].hi, B[1].hi);
   mma_tf32(d, A[0].hi, A[1].hi, A[2].hi, A[3].hi, B[0].lo, B[1].lo);
   mma_tf32(d, A[0].hi, A[1].hi, A[2].hi, A[3].hi, B[0].hi, B[1].hi);
-}
-
-__device__ __forceinline__ void mma3(float (&d)[4], const Split (&A)[4], float2 b) {
-  const Split B[2] = {split(b.x), split(b.y)};
-  mma3(d, A, B);
 }
 
 // Fragment indices (PTX m16n8k8 tf32): lane = 4g + q. A (16x8): a0 (g, q), a1 (g+8, q), a2 (g, q+4), a3 (g+8, q+4);
@@ -241,13 +252,14 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
         mma3(Y[nt], A, *reinterpret_cast<const float2*>(Rs + row));
       }
     }
+    const int64_t base = wkv::seq_off(bb, t0, h, T, H, N), token_stride = int64_t(H) * N;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {  // sa and y out: tokens 8nt+2q(+1), rows i0+g(+8)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int t = 8 * nt + 2 * q + (e & 1), i = i0 + g + 8 * (e >> 1);
         if (t < L) {
-          const int64_t o = wkv::seq_off(bb, t0 + t, h, T, H, N) + i;
+          const int64_t o = base + t * token_stride + i;
           sa[o] = U[nt][e];
           y[o] = wkv::from_f<F>(Y[nt][e]);
         }
