@@ -65,11 +65,11 @@ SWEEP = {7: ("s", "split", (2, 4, 8)), 6: ("r", "rows_per_block", (8, 16, 64)), 
 
 
 def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | None = None, groups: int = 0,
-         forward: str = "auto") -> Callable:
+         forward: str = "sequential") -> Callable:
     """Our kernel; tiling != 0 forces the tuning knob (wkv7: threads per state row, wkv5/6: rows per block of
     the sequential kernel); `kernel` picks wkv5/6's chunk-parallel or sequential kernel, `span` wkv7's span
     length (None: auto, 0: the whole T in one pass), `groups` wkv7's forward blocks per head, `forward` wkv7's
-    forward kernel (auto, sequential, chunked)."""
+    forward kernel (sequential, chunked)."""
     from infctx import ops
 
     op = ops.get_wkv(version, "cuda")
