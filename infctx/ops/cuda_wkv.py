@@ -82,16 +82,16 @@ def _no_scratch(r: Tensor) -> Tensor:
 
 
 def _forward7(ext, seq: list[Tensor], s0: Tensor, split: int, groups: int,
-              forward: str = "sequential") -> tuple[Tensor, ...]:
+              kernel: str = "sequential") -> tuple[Tensor, ...]:
     """The wkv7 forward on [B,T,H,N] inputs (r, w, k, v, a, b) from s0: (y, sT, ckpt, sa), by the sequential kernel
-    or (forward="chunked") the chunked tensor-core one, which gives the same outputs."""
+    or (kernel="chunked") the chunked tensor-core one, which gives the same outputs."""
     r = seq[0]
     B, T, H, N = r.shape
     y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
     nc = _chunks(ext, r)
     ckpt = torch.empty(B, H, nc, N, N, device=r.device)
     sa = torch.empty(B, T, H, N, device=r.device)
-    if forward == "chunked":
+    if kernel == "chunked":
         packet = torch.empty(B * H * nc, ext.packet_floats(), device=r.device)
         ext.forward_chunked(*seq, s0, y, sT, ckpt, sa, packet)
     else:
@@ -113,9 +113,9 @@ def _backward7(ext, seq: list[Tensor], dy: Tensor | None, dsT: Tensor | None, ck
 
 class _WKV7(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, split, groups, forward):
+    def forward(ctx, r, w, k, v, a, b, s0, split, groups, kernel):
         ext = load_extension(7, r.shape[3], r.device)
-        y, sT, ckpt, sa = _forward7(ext, [r, w, k, v, a, b], _state_in(s0, r), split, groups, forward)
+        y, sT, ckpt, sa = _forward7(ext, [r, w, k, v, a, b], _state_in(s0, r), split, groups, kernel)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
         ctx.has_s0, ctx.split = s0 is not None, split
         return y, sT
@@ -177,7 +177,7 @@ class _WKV7Spans(torch.autograd.Function):
     tests/test_wkv7_span_math.py."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, split, groups, forward, span):
+    def forward(ctx, r, w, k, v, a, b, s0, split, groups, kernel, span):
         B, T, H, N = r.shape
         ns = T // span
         ext = load_extension(7, N, r.device)
@@ -189,7 +189,7 @@ class _WKV7Spans(torch.autograd.Function):
         starts = torch.empty_like(own)
         ext.span_scan(_state_in(s0, r), trans, own, starts)
         del own
-        y, ends, ckpt, sa = _forward7(ext, seq, starts.view(B * ns, H, N, N), split, groups, forward)
+        y, ends, ckpt, sa = _forward7(ext, seq, starts.view(B * ns, H, N, N), split, groups, kernel)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa, trans, q)
         ctx.has_s0, ctx.split, ctx.span = s0 is not None, split, span
         return y.view(B, T, H, N), ends.view(B, ns, H, N, N)[:, -1].contiguous()
