@@ -572,8 +572,10 @@ void wkv7_forward_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k
   const auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto element) {
     using F = decltype(element);
-    wkv7tc::prep_kernel<F><<<B * H * nc, WKV_N, 0, stream>>>(T, H, kDecayScale, cptr<F>(r), cptr<F>(w), cptr<F>(k),
-                                                            cptr<F>(v), cptr<F>(a), cptr<F>(b), packet.data_ptr<float>());
+    auto prep = wkv7tc::prep_kernel<F>;
+    wkv::allow_smem(prep, wkv7tc::PrepSmem::kBytes);
+    prep<<<B * H * nc, 32, wkv7tc::PrepSmem::kBytes, stream>>>(T, H, kDecayScale, cptr<F>(r), cptr<F>(w),
+        cptr<F>(k), cptr<F>(v), cptr<F>(a), cptr<F>(b), packet.data_ptr<float>());
     WKV_LAUNCH_CHECK();
     auto state = wkv7tc::state_kernel<F>;
     wkv::allow_smem(state, wkv7tc::StateSmem::kBytes);

@@ -7,7 +7,8 @@
 //   (I - Mb) U = a_ex S^T + Mk V   (row t of U is sa_t)
 //   y = r_in S^T + Pb U + Pk V,   S <- S diag(e^{c_L}) + U^T b_end + V^T k_end
 // Everything that does not involve S is the same for every start state, so it runs for all chunks at once
-// (prep_kernel, fp32 on CUDA cores): W = (I - Mb)^-1 a_ex, Z = (I - Mb)^-1 Mk V, R = r_in + Pb W, Y = Pb Z + Pk V, so
+// (prep_kernel, one warp per chunk, its products on tensor cores as below):
+//   W = (I - Mb)^-1 a_ex, Z = (I - Mb)^-1 Mk V, R = r_in + Pb W, Y = Pb Z + Pk V, so
 //   U = W S^T + Z,   y = R S^T + Y,   S <- S diag(e^{c_L}) + U^T b_end + V^T k_end.
 // What is left is a pass over chunks per head (state_kernel) whose products run on tensor cores (mma.sync m16n8k8,
 // tf32 operands split into a high and a low part, three products each: fp32-grade results, so fp32 inputs keep
@@ -37,124 +38,6 @@ struct StateSmem {  // offsets in floats
 };
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
-
-// ---- prep_kernel: one block of N threads per chunk; thread j owns column j of every CK x N array ----------------
-template <typename F>
-__global__ void __launch_bounds__(WKV_N) prep_kernel(int T, int H, float decay_scale, const F* __restrict__ r,
-    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
-    const F* __restrict__ b, float* __restrict__ packet) {
-  constexpr int N = WKV_N, LP = N + 4;  // LP: 8 threads reading float4s of 8 rows hit distinct banks
-  __shared__ __align__(16) float a_ex[CK][LP], r_in[CK][LP], b_src[CK][LP], k_src[CK][LP];
-  __shared__ __align__(16) float pair[4][CK][CK];  // Mb, Mk, Pb, Pk
-  const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
-  const int bb = bh / H, h = bh % H, j = threadIdx.x, t0 = c * CK, L = min(CK, T - t0);
-  float lw[CK], vj[CK], b_end[CK], k_end[CK];
-  float cL = 0.f;
-#pragma unroll
-  for (int t = 0; t < CK; ++t) {
-    const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
-    lw[t] = t < L ? -decay_scale * sigmoid_f(wkv::to_f(w[o])) : 0.f;
-    cL += lw[t];
-  }
-  float cum = 0.f;
-#pragma unroll
-  for (int t = 0; t < CK; ++t) {
-    const bool in = t < L;
-    const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
-    const float before = cum;
-    cum += lw[t];
-    const float rt = in ? wkv::to_f(r[o]) : 0.f, kt = in ? wkv::to_f(k[o]) : 0.f;
-    const float at = in ? wkv::to_f(a[o]) : 0.f, bt = in ? wkv::to_f(b[o]) : 0.f;
-    const float inv = expf(-cum), after = expf(cL - cum);
-    r_in[t][j] = rt * expf(cum);
-    a_ex[t][j] = at * expf(before);
-    b_src[t][j] = bt * inv;
-    k_src[t][j] = kt * inv;
-    b_end[t] = bt * after;
-    k_end[t] = kt * after;
-    vj[t] = in ? wkv::to_f(v[o]) : 0.f;
-  }
-  __syncthreads();
-  // The four pair matrices, masked to their triangles; each (m, 4x4 tile) work item reads float4s of 4 + 4 rows.
-  for (int item = j; item < 4 * (CK / 4) * (CK / 4); item += N) {
-    const int m = item / 16, t0q = 4 * ((item / 4) % 4), s0q = 4 * (item % 4);
-    const float(*lhs)[LP] = m < 2 ? a_ex : r_in;
-    const float(*rhs)[LP] = (m & 1) ? k_src : b_src;
-    float acc[4][4] = {};
-    for (int x = 0; x < N; x += 4) {
-      float4 l[4], rr[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        l[u] = *reinterpret_cast<const float4*>(&lhs[t0q + u][x]);
-        rr[u] = *reinterpret_cast<const float4*>(&rhs[s0q + u][x]);
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int z = 0; z < 4; ++z)
-          acc[u][z] = fmaf(l[u].w, rr[z].w,
-                           fmaf(l[u].z, rr[z].z, fmaf(l[u].y, rr[z].y, fmaf(l[u].x, rr[z].x, acc[u][z]))));
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-#pragma unroll
-      for (int z = 0; z < 4; ++z) {
-        const int t = t0q + u, s = s0q + z;
-        pair[m][t][s] = (m < 2 ? s < t : s <= t) ? acc[u][z] : 0.f;
-      }
-  }
-  __syncthreads();
-  // Column j: W = (I - Mb)^-1 a_ex, Z = (I - Mb)^-1 Mk V (forward substitution), R = r_in + Pb W, Y = Pb Z + Pk V
-  auto pair_row = [&](int m, int t, float (&row)[CK]) {  // one row of a pair matrix, four float4 reads
-#pragma unroll
-    for (int x = 0; x < CK / 4; ++x) {
-      const float4 f = *reinterpret_cast<const float4*>(&pair[m][t][4 * x]);
-      row[4 * x] = f.x, row[4 * x + 1] = f.y, row[4 * x + 2] = f.z, row[4 * x + 3] = f.w;
-    }
-  };
-  float Wc[CK], Zc[CK];
-#pragma unroll
-  for (int t = 0; t < CK; ++t) {
-    float mb[CK], mk[CK];
-    pair_row(0, t, mb);
-    pair_row(1, t, mk);
-    float wt = a_ex[t][j], zt = 0.f;
-#pragma unroll
-    for (int s = 0; s < t; ++s) {
-      wt += mb[s] * Wc[s];
-      zt += mb[s] * Zc[s] + mk[s] * vj[s];
-    }
-    Wc[t] = wt, Zc[t] = zt;
-  }
-  float* out = packet + int64_t(chunk) * kPacketFloats;
-  float Yc[CK];
-#pragma unroll
-  for (int t = 0; t < CK; ++t) {
-    float pb[CK], pk[CK];
-    pair_row(2, t, pb);
-    pair_row(3, t, pk);
-    float rt = r_in[t][j], yt = 0.f;
-#pragma unroll
-    for (int s = 0; s <= t; ++s) {
-      rt += pb[s] * Wc[s];
-      yt += pb[s] * Zc[s] + pk[s] * vj[s];
-    }
-    out[kW * kPartFloats + t * N + j] = Wc[t];
-    out[kR * kPartFloats + t * N + j] = rt;
-    Yc[t] = yt;
-  }
-  auto column = [&](Part part, const float (&x)[CK]) {  // thread j's 16 contiguous floats of a transposed part
-    float4* dst = reinterpret_cast<float4*>(out + part * kPartFloats + j * CK);
-#pragma unroll
-    for (int q = 0; q < CK / 4; ++q) dst[q] = make_float4(x[4 * q], x[4 * q + 1], x[4 * q + 2], x[4 * q + 3]);
-  };
-  column(kPT, b_end);
-  column(kQT, k_end);
-  column(kZT, Zc);
-  column(kYT, Yc);
-  column(kXT, vj);
-  out[kParts * kPartFloats + j] = expf(cL);
-}
 
 // ---- state_kernel: one block per head, warp w owns value rows 16w..16w+15, chunks in order ----------------------
 __device__ __forceinline__ uint32_t to_tf32(float x) {
@@ -194,6 +77,186 @@ __device__ __forceinline__ void mma3(float (&d)[4], const Split (&A)[4], float2 
 // B (8x8): b0 (q, g), b1 (q+4, g); C (16x8): c0 (g, 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1). Reduction index
 // k = q stands for 2q and k = q+4 for 2q+1 of each group of 8: a C fragment is then an A fragment (a0..a3 = c0, c2,
 // c1, c3), and B's two values are adjacent (one float2).
+// ---- fragments of shared-memory matrices (row-major, pitch ld), with the permuted reduction index above ----------
+// A (16 rows x 8 of the reduction, from column k0 of M)
+__device__ __forceinline__ void load_a(Split (&A)[4], const float* M, int ld, int k0, int g, int q) {
+  const float2 lo = *reinterpret_cast<const float2*>(M + g * ld + k0 + 2 * q);
+  const float2 hi = *reinterpret_cast<const float2*>(M + (g + 8) * ld + k0 + 2 * q);
+  A[0] = split(lo.x), A[1] = split(hi.x), A[2] = split(lo.y), A[3] = split(hi.y);
+}
+// B = Bt^T for a matrix stored by its n index (Bt[n][k]), tile (k0, n0)
+__device__ __forceinline__ float2 b_nt(const float* Bt, int ld, int k0, int n0, int g, int q) {
+  return *reinterpret_cast<const float2*>(Bt + (n0 + g) * ld + k0 + 2 * q);
+}
+// B stored by its reduction index (Bm[k][n]), tile (k0, n0)
+__device__ __forceinline__ float2 b_kn(const float* Bm, int ld, int k0, int n0, int g, int q) {
+  return make_float2(Bm[(k0 + 2 * q) * ld + n0 + g], Bm[(k0 + 2 * q + 1) * ld + n0 + g]);
+}
+// a C tile (16 x 8 at column n0) to or from a row-major matrix
+__device__ __forceinline__ void store_c(float* M, int ld, int n0, const float (&d)[4], int g, int q) {
+  *reinterpret_cast<float2*>(M + g * ld + n0 + 2 * q) = make_float2(d[0], d[1]);
+  *reinterpret_cast<float2*>(M + (g + 8) * ld + n0 + 2 * q) = make_float2(d[2], d[3]);
+}
+__device__ __forceinline__ void load_c(float (&d)[4], const float* M, int ld, int n0, int g, int q) {
+  const float2 lo = *reinterpret_cast<const float2*>(M + g * ld + n0 + 2 * q);
+  const float2 hi = *reinterpret_cast<const float2*>(M + (g + 8) * ld + n0 + 2 * q);
+  d[0] = lo.x, d[1] = lo.y, d[2] = hi.x, d[3] = hi.y;
+}
+// ... and into a transposed packet part ([N][CK]: element (t, j) at j * CK + t)
+__device__ __forceinline__ void store_c_transposed(float* part, int n0, const float (&d)[4], int g, int q) {
+  const int j = n0 + 2 * q;
+  part[j * CK + g] = d[0], part[(j + 1) * CK + g] = d[1];
+  part[j * CK + g + 8] = d[2], part[(j + 1) * CK + g + 8] = d[3];
+}
+
+// ---- prep_kernel: one warp per chunk, the chunk's products on tensor cores (three tf32 products each) -------------
+struct PrepSmem {  // offsets in floats; W reuses b_src's slot, Mk V k_src's, Z a_ex's once those are dead
+  static constexpr int kLd = WKV_N + 8, kLdPair = CK + 8, kArray = CK * kLd;
+  enum Array { kAex, kRin, kBsrc, kKsrc, kV, kArrays };
+  static constexpr int kPair = kArrays * kArray, kAinv = kPair + 4 * CK * kLdPair, kFloats = kAinv + CK * kLdPair;
+  static constexpr size_t kBytes = size_t(kFloats) * sizeof(float);
+};
+
+template <typename F>
+__global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scale, const F* __restrict__ r,
+    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
+    const F* __restrict__ b, float* __restrict__ packet) {
+  constexpr int N = WKV_N, E = N / 32, ld = PrepSmem::kLd, lp = PrepSmem::kLdPair;
+  extern __shared__ __align__(16) float sm[];
+  float *a_ex = sm + PrepSmem::kAex * PrepSmem::kArray, *r_in = sm + PrepSmem::kRin * PrepSmem::kArray;
+  float *b_src = sm + PrepSmem::kBsrc * PrepSmem::kArray, *k_src = sm + PrepSmem::kKsrc * PrepSmem::kArray;
+  float *V = sm + PrepSmem::kV * PrepSmem::kArray, *pair = sm + PrepSmem::kPair, *Ainv = sm + PrepSmem::kAinv;
+  float *Ws = b_src, *MkV = k_src, *Zs = a_ex;  // later contents of dead slots
+  const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
+  const int bb = bh / H, h = bh % H, lane = threadIdx.x, g = lane / 4, q = lane % 4, t0 = c * CK;
+  const int L = min(CK, T - t0);
+  float* out = packet + int64_t(chunk) * kPacketFloats;
+  auto column = [&](Part part, int j, const float (&x)[CK]) {  // 16 contiguous floats of a transposed part
+    float4* dst = reinterpret_cast<float4*>(out + part * kPartFloats + j * CK);
+#pragma unroll
+    for (int u = 0; u < CK / 4; ++u) dst[u] = make_float4(x[4 * u], x[4 * u + 1], x[4 * u + 2], x[4 * u + 3]);
+  };
+  // 1. per key column j: cumulative log decay, the scaled arrays (shared), b_end, k_end, V^T, e^{c_L} (packet)
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int j = E * lane + e;
+    float lw[CK], cL = 0.f;
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      lw[t] = t < L ? -decay_scale * sigmoid_f(wkv::to_f(w[o])) : 0.f;
+      cL += lw[t];
+    }
+    float cum = 0.f, b_end[CK], k_end[CK], vj[CK];
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const bool in = t < L;
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      const float before = cum;
+      cum += lw[t];
+      const float rt = in ? wkv::to_f(r[o]) : 0.f, kt = in ? wkv::to_f(k[o]) : 0.f;
+      const float at = in ? wkv::to_f(a[o]) : 0.f, bt = in ? wkv::to_f(b[o]) : 0.f;
+      const float inv = expf(-cum), after = expf(cL - cum);
+      vj[t] = in ? wkv::to_f(v[o]) : 0.f;
+      r_in[t * ld + j] = rt * expf(cum);
+      a_ex[t * ld + j] = at * expf(before);
+      b_src[t * ld + j] = bt * inv;
+      k_src[t * ld + j] = kt * inv;
+      V[t * ld + j] = vj[t];
+      b_end[t] = bt * after;
+      k_end[t] = kt * after;
+    }
+    column(kPT, j, b_end);
+    column(kQT, j, k_end);
+    column(kXT, j, vj);
+    out[kParts * kPartFloats + j] = expf(cL);
+  }
+  __syncwarp();
+  // 2. the pair matrices Mb, Mk (strictly lower) and Pb, Pk (lower with the diagonal): [16 t] x [16 s], K = N
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const float* lhs = m < 2 ? a_ex : r_in;
+    const float* rhs = (m & 1) ? k_src : b_src;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kt = 0; kt < N / 8; ++kt) {
+        Split A[4];
+        load_a(A, lhs, ld, 8 * kt, g, q);
+        mma3(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
+      }
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int t = g + 8 * (x >> 1), s = 8 * nt + 2 * q + (x & 1);
+        if (m < 2 ? s >= t : s > t) d[x] = 0.f;
+      }
+      store_c(pair + m * CK * lp, lp, 8 * nt, d, g, q);
+    }
+  }
+  __syncwarp();
+  const float *Mb = pair, *Mk = pair + CK * lp, *Pb = pair + 2 * CK * lp, *Pk = pair + 3 * CK * lp;
+  if (lane < CK) {  // 3. (I - Mb)^-1, unit lower triangular: column `lane` by forward substitution
+    float x[CK];
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      float xt = t == lane ? 1.f : 0.f;
+#pragma unroll
+      for (int s = 0; s < t; ++s) xt += Mb[t * lp + s] * x[s];
+      x[t] = xt;
+      Ainv[t * lp + lane] = xt;
+    }
+  }
+  __syncwarp();
+  Split Ai[2][4], Ab[2][4];  // Ainv and Pb as A operands, both 16 x 16
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt) load_a(Ai[kt], Ainv, lp, 8 * kt, g, q), load_a(Ab[kt], Pb, lp, 8 * kt, g, q);
+  // 4. W = (I - Mb)^-1 a_ex (packet and b_src's slot), Mk V (k_src's slot)
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+    float dw[4] = {0.f, 0.f, 0.f, 0.f}, dm[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) {
+      Split Am[4];
+      load_a(Am, Mk, lp, 8 * kt, g, q);
+      mma3(dw, Ai[kt], b_kn(a_ex, ld, 8 * kt, 8 * n, g, q));
+      mma3(dm, Am, b_kn(V, ld, 8 * kt, 8 * n, g, q));
+    }
+    store_c(out + kW * kPartFloats, N, 8 * n, dw, g, q);
+    store_c(Ws, ld, 8 * n, dw, g, q);
+    store_c(MkV, ld, 8 * n, dm, g, q);
+  }
+  __syncwarp();
+  // 5. Z = (I - Mb)^-1 (Mk V) (packet, transposed, and a_ex's slot); R = r_in + Pb W (packet)
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+    float dz[4] = {0.f, 0.f, 0.f, 0.f}, dr[4];
+    load_c(dr, r_in, ld, 8 * n, g, q);
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) {
+      mma3(dz, Ai[kt], b_kn(MkV, ld, 8 * kt, 8 * n, g, q));
+      mma3(dr, Ab[kt], b_kn(Ws, ld, 8 * kt, 8 * n, g, q));
+    }
+    store_c_transposed(out + kZT * kPartFloats, 8 * n, dz, g, q);
+    store_c(Zs, ld, 8 * n, dz, g, q);
+    store_c(out + kR * kPartFloats, N, 8 * n, dr, g, q);
+  }
+  __syncwarp();
+  // 6. Y = Pb Z + Pk V (packet, transposed)
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+    float dy[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) {
+      Split Ak[4];
+      load_a(Ak, Pk, lp, 8 * kt, g, q);
+      mma3(dy, Ab[kt], b_kn(Zs, ld, 8 * kt, 8 * n, g, q));
+      mma3(dy, Ak, b_kn(V, ld, 8 * kt, 8 * n, g, q));
+    }
+    store_c_transposed(out + kYT * kPartFloats, 8 * n, dy, g, q);
+  }
+}
+
 template <typename F>
 __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const float* __restrict__ packet,
     const float* __restrict__ s0, F* __restrict__ y, float* __restrict__ sT, float* __restrict__ ckpt,
