@@ -84,6 +84,11 @@ __device__ __forceinline__ void load_a(Split (&A)[4], const float* M, int ld, in
   const float2 hi = *reinterpret_cast<const float2*>(M + (g + 8) * ld + k0 + 2 * q);
   A[0] = split(lo.x), A[1] = split(hi.x), A[2] = split(lo.y), A[3] = split(hi.y);
 }
+// A = M^T (16 rows x 8 of the reduction) for M stored by the reduction index: A[row][k] = M[k0 + k][row]
+__device__ __forceinline__ void load_a_t(Split (&A)[4], const float* M, int ld, int k0, int g, int q) {
+  const float* lo = M + (k0 + 2 * q) * ld;
+  A[0] = split(lo[g]), A[1] = split(lo[g + 8]), A[2] = split(lo[ld + g]), A[3] = split(lo[ld + g + 8]);
+}
 // B = Bt^T for a matrix stored by its n index (Bt[n][k]), tile (k0, n0)
 __device__ __forceinline__ float2 b_nt(const float* Bt, int ld, int k0, int n0, int g, int q) {
   return *reinterpret_cast<const float2*>(Bt + (n0 + g) * ld + k0 + 2 * q);
@@ -109,6 +114,34 @@ __device__ __forceinline__ void store_c_transposed(float* part, int n0, const fl
   part[j * CK + g + 8] = d[2], part[(j + 1) * CK + g + 8] = d[3];
 }
 
+// The backward prep's products: Pb^T dy (shared), W = (I - Mb)^-T b_end and Z = (I - Mb)^-T (Pb^T dy) (packet)
+__device__ __forceinline__ void chunk_backward_tail(float* out, const float* Ainv, const float* Pb, const float* DY,
+                                                    const float* B_end, float* PbT_dy, int g, int q) {
+  constexpr int N = WKV_N, ld = WKV_N + 8, lp = CK + 8;
+  Split At[2][4], Pt[2][4];  // Ainv^T and Pb^T as A operands
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt) load_a_t(At[kt], Ainv, lp, 8 * kt, g, q), load_a_t(Pt[kt], Pb, lp, 8 * kt, g, q);
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+    float dp[4] = {0.f, 0.f, 0.f, 0.f}, dw[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) {
+      mma3(dp, Pt[kt], b_kn(DY, ld, 8 * kt, 8 * n, g, q));
+      mma3(dw, At[kt], b_kn(B_end, ld, 8 * kt, 8 * n, g, q));
+    }
+    store_c(PbT_dy, ld, 8 * n, dp, g, q);
+    store_c(out + kW * kPartFloats, N, 8 * n, dw, g, q);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+    float dz[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) mma3(dz, At[kt], b_kn(PbT_dy, ld, 8 * kt, 8 * n, g, q));
+    store_c_transposed(out + kZT * kPartFloats, 8 * n, dz, g, q);
+  }
+}
+
 // ---- prep_kernel: one warp per chunk, the chunk's products on tensor cores (three tf32 products each) -------------
 struct PrepSmem {  // offsets in floats; W reuses b_src's slot, Mk V k_src's, Z a_ex's once those are dead
   static constexpr int kLd = WKV_N + 8, kLdPair = CK + 8, kArray = CK * kLd;
@@ -117,16 +150,20 @@ struct PrepSmem {  // offsets in floats; W reuses b_src's slot, Mk V k_src's, Z 
   static constexpr size_t kBytes = size_t(kFloats) * sizeof(float);
 };
 
-template <typename F>
+// kBackward: the packet of the state-gradient pass instead (dy given): W = (I - Mb)^-T b_end, Z = (I - Mb)^-T Pb^T dy,
+// b_end -> a_ex, k_end -> r_in, V -> dy; so that pass computes G = Z + W dS^T (row t of G: d sa_t) and
+// dS <- dS diag(e^{c_L}) + G^T a_ex + dy^T r_in, chunks in reverse.
+template <typename F, bool kBackward>
 __global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scale, const F* __restrict__ r,
     const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
-    const F* __restrict__ b, float* __restrict__ packet) {
+    const F* __restrict__ b, const F* __restrict__ dy, float* __restrict__ packet) {
   constexpr int N = WKV_N, E = N / 32, ld = PrepSmem::kLd, lp = PrepSmem::kLdPair;
   extern __shared__ __align__(16) float sm[];
   float *a_ex = sm + PrepSmem::kAex * PrepSmem::kArray, *r_in = sm + PrepSmem::kRin * PrepSmem::kArray;
   float *b_src = sm + PrepSmem::kBsrc * PrepSmem::kArray, *k_src = sm + PrepSmem::kKsrc * PrepSmem::kArray;
   float *V = sm + PrepSmem::kV * PrepSmem::kArray, *pair = sm + PrepSmem::kPair, *Ainv = sm + PrepSmem::kAinv;
   float *Ws = b_src, *MkV = k_src, *Zs = a_ex;  // later contents of dead slots
+  float *DY = V, *B_end = k_src, *PbT_dy = b_src;  // the backward's (it needs neither V nor k_src)
   const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
   const int bb = bh / H, h = bh % H, lane = threadIdx.x, g = lane / 4, q = lane % 4, t0 = c * CK;
   const int L = min(CK, T - t0);
@@ -147,7 +184,7 @@ __global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scal
       lw[t] = t < L ? -decay_scale * sigmoid_f(wkv::to_f(w[o])) : 0.f;
       cL += lw[t];
     }
-    float cum = 0.f, b_end[CK], k_end[CK], vj[CK];
+    float cum = 0.f, p_col[CK], q_col[CK], x_col[CK];  // this column of the packet's P, Q, X
 #pragma unroll
     for (int t = 0; t < CK; ++t) {
       const bool in = t < L;
@@ -156,25 +193,31 @@ __global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scal
       cum += lw[t];
       const float rt = in ? wkv::to_f(r[o]) : 0.f, kt = in ? wkv::to_f(k[o]) : 0.f;
       const float at = in ? wkv::to_f(a[o]) : 0.f, bt = in ? wkv::to_f(b[o]) : 0.f;
-      const float inv = expf(-cum), after = expf(cL - cum);
-      vj[t] = in ? wkv::to_f(v[o]) : 0.f;
-      r_in[t * ld + j] = rt * expf(cum);
-      a_ex[t * ld + j] = at * expf(before);
+      const float inv = expf(-cum), after = expf(cL - cum), rin = rt * expf(cum), aex = at * expf(before);
+      r_in[t * ld + j] = rin;
+      a_ex[t * ld + j] = aex;
       b_src[t * ld + j] = bt * inv;
-      k_src[t * ld + j] = kt * inv;
-      V[t * ld + j] = vj[t];
-      b_end[t] = bt * after;
-      k_end[t] = kt * after;
+      if constexpr (kBackward) {
+        x_col[t] = in ? wkv::to_f(dy[o]) : 0.f;
+        p_col[t] = aex, q_col[t] = rin;
+        B_end[t * ld + j] = bt * after;
+      } else {
+        x_col[t] = in ? wkv::to_f(v[o]) : 0.f;
+        p_col[t] = bt * after, q_col[t] = kt * after;
+        k_src[t * ld + j] = kt * inv;
+      }
+      V[t * ld + j] = x_col[t];  // V, or dy in the backward's DY (the same slot)
     }
-    column(kPT, j, b_end);
-    column(kQT, j, k_end);
-    column(kXT, j, vj);
+    column(kPT, j, p_col);
+    column(kQT, j, q_col);
+    column(kXT, j, x_col);
     out[kParts * kPartFloats + j] = expf(cL);
   }
   __syncwarp();
   // 2. the pair matrices Mb, Mk (strictly lower) and Pb, Pk (lower with the diagonal): [16 t] x [16 s], K = N
 #pragma unroll
   for (int m = 0; m < 4; ++m) {
+    if (kBackward && (m & 1)) continue;  // the backward's pass needs Mb and Pb only
     const float* lhs = m < 2 ? a_ex : r_in;
     const float* rhs = (m & 1) ? k_src : b_src;
 #pragma unroll
@@ -208,6 +251,10 @@ __global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scal
     }
   }
   __syncwarp();
+  if constexpr (kBackward) {
+    chunk_backward_tail(out, Ainv, Pb, DY, B_end, PbT_dy, g, q);
+    return;
+  }
   Split Ai[2][4], Ab[2][4];  // Ainv and Pb as A operands, both 16 x 16
 #pragma unroll
   for (int kt = 0; kt < 2; ++kt) load_a(Ai[kt], Ainv, lp, 8 * kt, g, q), load_a(Ab[kt], Pb, lp, 8 * kt, g, q);
@@ -257,7 +304,18 @@ __global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scal
   }
 }
 
-template <typename F>
+// A warp's 16 state rows (accumulator layout) to an N x N fp32 matrix.
+__device__ __forceinline__ void store_rows(float* dst, const float (&S)[WKV_N / 8][4], int i0, int g, int q) {
+#pragma unroll
+  for (int n = 0; n < WKV_N / 8; ++n) {
+    *reinterpret_cast<float2*>(dst + (i0 + g) * WKV_N + 8 * n + 2 * q) = make_float2(S[n][0], S[n][1]);
+    *reinterpret_cast<float2*>(dst + (i0 + g + 8) * WKV_N + 8 * n + 2 * q) = make_float2(S[n][2], S[n][3]);
+  }
+}
+
+// kBackward: the state-gradient pass of the same form (prep_kernel<F, true>'s packet): chunks in reverse from dsT,
+// `ckpt` gets the state gradient at every chunk's end, `sa` the rows of G (d sa_t), sT the gradient at the start (ds0).
+template <typename F, bool kBackward>
 __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const float* __restrict__ packet,
     const float* __restrict__ s0, F* __restrict__ y, float* __restrict__ sT, float* __restrict__ ckpt,
     float* __restrict__ sa) {
@@ -276,8 +334,8 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
   const float *Ws = sm + StateSmem::kW, *Rs = sm + StateSmem::kR, *total = sm + StateSmem::kTotal;
   auto part = [&](Part p) { return sm + StateSmem::kT + (p - kPT) * N * kLdCol; };  // transposed parts
   const float *PT = part(kPT), *QT = part(kQT), *ZT = part(kZT), *YT = part(kYT), *XT = part(kXT);
-  for (int c = 0; c < nc; ++c) {
-    const int t0 = c * CK, L = min(CK, T - t0);
+  for (int it = 0; it < nc; ++it) {
+    const int c = kBackward ? nc - 1 - it : it, t0 = c * CK, L = min(CK, T - t0);
     const float* src = packet + (int64_t(bh) * nc + c) * kPacketFloats;
     for (int x = threadIdx.x; x < kPacketFloats / 4; x += kThreads) {  // stage the packet, 16 bytes a copy
       const int f = 4 * x, p = f / kPartFloats, e = f % kPartFloats;
@@ -303,7 +361,7 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
       const float2 y0 = *reinterpret_cast<const float2*>(YT + (i0 + g) * kLdCol + t);
       const float2 y1 = *reinterpret_cast<const float2*>(YT + (i0 + g + 8) * kLdCol + t);
       U[nt][0] = z0.x, U[nt][1] = z0.y, U[nt][2] = z1.x, U[nt][3] = z1.y;
-      Y[nt][0] = y0.x, Y[nt][1] = y0.y, Y[nt][2] = y1.x, Y[nt][3] = y1.y;
+      if constexpr (!kBackward) Y[nt][0] = y0.x, Y[nt][1] = y0.y, Y[nt][2] = y1.x, Y[nt][3] = y1.y;
     }
 #pragma unroll
     for (int kt = 0; kt < NT; ++kt) {  // U^T += S W^T, y^T += S R^T over keys 8kt..8kt+7
@@ -312,7 +370,7 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
       for (int nt = 0; nt < 2; ++nt) {
         const int row = (8 * nt + g) * kLdRow + 8 * kt + 2 * q;
         mma3(U[nt], A, *reinterpret_cast<const float2*>(Ws + row));
-        mma3(Y[nt], A, *reinterpret_cast<const float2*>(Rs + row));
+        if constexpr (!kBackward) mma3(Y[nt], A, *reinterpret_cast<const float2*>(Rs + row));
       }
     }
     const int64_t base = wkv::seq_off(bb, t0, h, T, H, N), token_stride = int64_t(H) * N;
@@ -324,10 +382,12 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
         if (t < L) {
           const int64_t o = base + t * token_stride + i;
           sa[o] = U[nt][e];
-          y[o] = wkv::from_f<F>(Y[nt][e]);
+          if constexpr (!kBackward) y[o] = wkv::from_f<F>(Y[nt][e]);
         }
       }
     }
+    float* cp = ckpt + (int64_t(bh) * nc + c) * N * N;  // the state at the end of chunk c (backward: its gradient)
+    if constexpr (kBackward) store_rows(cp, S, i0, g, q);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {  // S diag(e^{c_L})
       const float2 tot = *reinterpret_cast<const float2*>(total + 8 * n + 2 * q);
@@ -347,20 +407,10 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
         mma3(S[n], Ax, *reinterpret_cast<const float2*>(QT + col));
       }
     }
-    float* cp = ckpt + (int64_t(bh) * nc + c) * N * N;  // the state at the end of chunk c
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      *reinterpret_cast<float2*>(cp + (i0 + g) * N + 8 * n + 2 * q) = make_float2(S[n][0], S[n][1]);
-      *reinterpret_cast<float2*>(cp + (i0 + g + 8) * N + 8 * n + 2 * q) = make_float2(S[n][2], S[n][3]);
-    }
+    if constexpr (!kBackward) store_rows(cp, S, i0, g, q);
     __syncthreads();  // every warp is done with the staged packet
   }
-  float* out = sT + int64_t(bh) * N * N;
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    *reinterpret_cast<float2*>(out + (i0 + g) * N + 8 * n + 2 * q) = make_float2(S[n][0], S[n][1]);
-    *reinterpret_cast<float2*>(out + (i0 + g + 8) * N + 8 * n + 2 * q) = make_float2(S[n][2], S[n][3]);
-  }
+  store_rows(sT + int64_t(bh) * N * N, S, i0, g, q);
 }
 
 }  // namespace wkv7tc
