@@ -605,6 +605,30 @@ void wkv7_backward_state_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::T
   chunked_launch<true>(r, w, k, v, a, b, dy, dsT, r, ds0, dckpt, g, packet);
 }
 
+// WIP: every chunk's input gradients at once (wkv7_chunked.cuh grad_kernel, head size 64), from the forward's
+// checkpoints and sa and the state-gradient pass's checkpoints and G.
+void wkv7_backward_grads_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                      torch::Tensor a, torch::Tensor b, torch::Tensor dy, torch::Tensor s0,
+                                      torch::Tensor ckpt, torch::Tensor dckpt, torch::Tensor sa, torch::Tensor gsa,
+                                      torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv,
+                                      torch::Tensor da, torch::Tensor db) {
+  const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + CK - 1) / CK;
+  auto launch = [&](auto element) {
+    using F = decltype(element);
+    auto kern = wkv7tc::grad_kernel<F>;
+    wkv::allow_smem(kern, wkv7tc::GradSmem::kBytes);
+    kern<<<B * H * nc, wkv7tc::kThreads, wkv7tc::GradSmem::kBytes, c10::cuda::getCurrentCUDAStream()>>>(T, H,
+        kDecayScale, cptr<F>(r), cptr<F>(w), cptr<F>(k), cptr<F>(v), cptr<F>(a), cptr<F>(b), cptr<F>(dy),
+        s0.data_ptr<float>(), ckpt.data_ptr<float>(), dckpt.data_ptr<float>(), sa.data_ptr<float>(),
+        gsa.data_ptr<float>(), mptr<F>(dr), mptr<F>(dw), mptr<F>(dk), mptr<F>(dv), mptr<F>(da), mptr<F>(db));
+    WKV_LAUNCH_CHECK();
+  };
+  if (r.scalar_type() == at::kBFloat16)
+    launch(__nv_bfloat16{});
+  else
+    launch(float{});
+}
+
 void wkv7_forward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                        torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
                        torch::Tensor sa, int split, int groups) {

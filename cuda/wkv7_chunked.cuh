@@ -413,4 +413,184 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
   store_rows(sT + int64_t(bh) * N * N, S, i0, g, q);
 }
 
+
+// ---- grad_kernel: every chunk's input gradients at once (infctx/ops/wkv7_chunk_grad.py: chunk_backward) ---------
+// From the chunk's start state S0 (s0 or the forward's checkpoint c-1), the state gradient at its end dS (the
+// state-gradient pass's checkpoint c), U = sa and G = d sa. Block of kWarps warps per chunk; warp w computes the
+// output columns 16w..16w+15 of every 16 x N product, then thread j < N finishes column j (the log-decay sums).
+struct GradSmem {  // offsets in floats
+  static constexpr int kLd = WKV_N + 8, kLp = CK + 8, kArray = CK * kLd, kMat = WKV_N * kLd;
+  enum Array { kRin, kAex, kBsrc, kKsrc, kBend, kKend, kV, kDy, kU, kG, kArrays };
+  enum Pair { kMk, kPk, kdMb, kdMk, kdPb, kdPk, kPairs };
+  enum Out { oDv, oRin, oAex, oBsrc, oKsrc, oBend, oKend, kOuts };  // over S0 and dS once those are read
+  static constexpr int kS0 = kArrays * kArray, kdS = kS0 + kMat, kPair = kdS + kMat,
+                       kDtotal = kPair + kPairs * CK * kLp, kFloats = kDtotal + WKV_N;
+  static_assert(kOuts * kArray <= 2 * kMat, "the outputs must fit where S0 and dS were");
+  static constexpr size_t kBytes = size_t(kFloats) * sizeof(float);
+};
+
+template <typename F>
+__global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float decay_scale, const F* __restrict__ r,
+    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
+    const F* __restrict__ b, const F* __restrict__ dy, const float* __restrict__ s0, const float* __restrict__ ckpt,
+    const float* __restrict__ dckpt, const float* __restrict__ sa, const float* __restrict__ gsa,
+    F* __restrict__ dr, F* __restrict__ dw, F* __restrict__ dk, F* __restrict__ dv, F* __restrict__ da,
+    F* __restrict__ db) {
+  using S = GradSmem;
+  constexpr int N = WKV_N, ld = S::kLd, lp = S::kLp;
+  extern __shared__ __align__(16) float sm[];
+  auto arr = [&](S::Array x) { return sm + x * S::kArray; };
+  auto pr = [&](S::Pair x) { return sm + S::kPair + x * CK * lp; };
+  auto res = [&](S::Out x) { return sm + S::kS0 + x * S::kArray; };
+  float *r_in = arr(S::kRin), *a_ex = arr(S::kAex), *b_src = arr(S::kBsrc), *k_src = arr(S::kKsrc);
+  float *b_end = arr(S::kBend), *k_end = arr(S::kKend), *V = arr(S::kV), *DY = arr(S::kDy), *U = arr(S::kU);
+  float *G = arr(S::kG), *S0 = sm + S::kS0, *dS = sm + S::kdS, *d_total = sm + S::kDtotal;
+  const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
+  const int bb = bh / H, h = bh % H, t0 = c * CK, L = min(CK, T - t0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, n0 = 16 * warp;
+  // 1. S0 and dS (float4 copies into padded rows), the chunk's scaled arrays (thread j: column j)
+  const float* s0src = c == 0 ? s0 + int64_t(bh) * N * N : ckpt + (int64_t(bh) * nc + c - 1) * N * N;
+  const float* dSsrc = dckpt + (int64_t(bh) * nc + c) * N * N;
+  for (int x = threadIdx.x; x < N * N / 4; x += kThreads) {
+    const int i = 4 * x / N, j = 4 * x % N;
+    *reinterpret_cast<float4*>(S0 + i * ld + j) = reinterpret_cast<const float4*>(s0src)[x];
+    *reinterpret_cast<float4*>(dS + i * ld + j) = reinterpret_cast<const float4*>(dSsrc)[x];
+  }
+  if (threadIdx.x < N) {
+    const int j = threadIdx.x;
+    float lw[CK], cL = 0.f, cum = 0.f;
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      lw[t] = t < L ? -decay_scale * sigmoid_f(wkv::to_f(w[o])) : 0.f;
+      cL += lw[t];
+    }
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const bool in = t < L;
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      const float before = cum;
+      cum += lw[t];
+      const float rt = in ? wkv::to_f(r[o]) : 0.f, kt = in ? wkv::to_f(k[o]) : 0.f;
+      const float at = in ? wkv::to_f(a[o]) : 0.f, bt = in ? wkv::to_f(b[o]) : 0.f;
+      const float inv = expf(-cum), after = expf(cL - cum);
+      const int e = t * ld + j;
+      r_in[e] = rt * expf(cum), a_ex[e] = at * expf(before), b_src[e] = bt * inv, k_src[e] = kt * inv;
+      b_end[e] = bt * after, k_end[e] = kt * after;
+      V[e] = in ? wkv::to_f(v[o]) : 0.f;
+      DY[e] = in ? wkv::to_f(dy[o]) : 0.f;
+      U[e] = in ? sa[o] : 0.f;
+      G[e] = in ? gsa[o] : 0.f;
+    }
+  }
+  __syncthreads();
+  // 2. the pair matrices (12 tiles of 16 x 8 over the warps) and d total_j = sum_i S0_ij dS_ij
+  for (int tile = warp; tile < 2 * S::kPairs; tile += kWarps) {
+    const int m = tile / 2, nt = tile % 2;
+    const float* lhs = m == S::kMk ? a_ex : m == S::kPk ? r_in : (m == S::kdMb || m == S::kdMk) ? G : DY;
+    const float* rhs = m <= S::kPk ? k_src : (m == S::kdMb || m == S::kdPb) ? U : V;
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < N / 8; ++kt) {
+      Split A[4];
+      load_a(A, lhs, ld, 8 * kt, g, q);
+      mma3(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
+    }
+    const bool strict = m == S::kMk || m == S::kdMb || m == S::kdMk;  // the M's: below the diagonal
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int t = g + 8 * (x >> 1), s = 8 * nt + 2 * q + (x & 1);
+      if (strict ? s >= t : s > t) d[x] = 0.f;
+    }
+    store_c(pr(S::Pair(m)), lp, 8 * nt, d, g, q);
+  }
+  if (threadIdx.x < N) {
+    float acc = 0.f;
+    for (int i = 0; i < N; ++i) acc += S0[i * ld + threadIdx.x] * dS[i * ld + threadIdx.x];
+    d_total[threadIdx.x] = acc;
+  }
+  __syncthreads();
+  // 3. this warp's 16 columns of the seven 16 x N gradients (two tiles of 8 each)
+  float out[S::kOuts][2][4] = {};
+  auto small = [&](float (&d)[4], const float* P, bool transposed, const float* Bm, int nt) {  // P (16x16) B
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) {
+      Split A[4];
+      if (transposed)
+        load_a_t(A, P, lp, 8 * kt, g, q);
+      else
+        load_a(A, P, lp, 8 * kt, g, q);
+      mma3(d, A, b_kn(Bm, ld, 8 * kt, n0 + 8 * nt, g, q));
+    }
+  };
+#pragma unroll
+  for (int kt = 0; kt < N / 8; ++kt) {  // the products over the state: K = N
+    Split Ak[4], Ad[4], Ag[4], Au[4], Av[4];
+    load_a(Ak, k_end, ld, 8 * kt, g, q), load_a(Ad, DY, ld, 8 * kt, g, q), load_a(Ag, G, ld, 8 * kt, g, q);
+    load_a(Au, U, ld, 8 * kt, g, q), load_a(Av, V, ld, 8 * kt, g, q);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      mma3(out[S::oDv][nt], Ak, b_nt(dS, ld, 8 * kt, n0 + 8 * nt, g, q));    // k_end dS^T
+      mma3(out[S::oRin][nt], Ad, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // dy S0
+      mma3(out[S::oAex][nt], Ag, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // G S0
+      mma3(out[S::oBend][nt], Au, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // U dS
+      mma3(out[S::oKend][nt], Av, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // V dS
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {  // the 16 x 16 pair products: K = 16
+    small(out[S::oDv][nt], pr(S::kPk), true, DY, nt), small(out[S::oDv][nt], pr(S::kMk), true, G, nt);
+    small(out[S::oRin][nt], pr(S::kdPb), false, b_src, nt), small(out[S::oRin][nt], pr(S::kdPk), false, k_src, nt);
+    small(out[S::oAex][nt], pr(S::kdMb), false, b_src, nt), small(out[S::oAex][nt], pr(S::kdMk), false, k_src, nt);
+    small(out[S::oBsrc][nt], pr(S::kdMb), true, a_ex, nt), small(out[S::oBsrc][nt], pr(S::kdPb), true, r_in, nt);
+    small(out[S::oKsrc][nt], pr(S::kdMk), true, a_ex, nt), small(out[S::oKsrc][nt], pr(S::kdPk), true, r_in, nt);
+  }
+  __syncthreads();  // S0 and dS are read: the outputs go there
+#pragma unroll
+  for (int o = 0; o < S::kOuts; ++o)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) store_c(res(S::Out(o)), ld, n0 + 8 * nt, out[o][nt], g, q);
+  __syncthreads();
+  if (threadIdx.x < N) {  // 4. column j: the log-decay gradient by reverse sums, then every input gradient
+    const int j = threadIdx.x;
+    const float *Dv = res(S::oDv), *d_rin = res(S::oRin), *d_aex = res(S::oAex), *d_bsrc = res(S::oBsrc);
+    const float *d_ksrc = res(S::oKsrc), *d_bend = res(S::oBend), *d_kend = res(S::oKend);
+    float lw[CK], wv[CK], cL = 0.f;
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      wv[t] = wkv::to_f(w[o]);
+      lw[t] = t < L ? -decay_scale * sigmoid_f(wv[t]) : 0.f;
+      cL += lw[t];
+    }
+    float dcL = expf(cL) * d_total[j];
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const int e = t * ld + j;
+      dcL += b_end[e] * d_bend[e] + k_end[e] * d_kend[e];
+    }
+    float cum_after = cL, rev_dc = 0.f, rev_dcb = 0.f;  // cum_after: c_t walking back; sums over t' >= t, t' > t
+#pragma unroll
+    for (int t = CK - 1; t >= 0; --t) {
+      const int e = t * ld + j;
+      const float ends = b_end[e] * d_bend[e] + k_end[e] * d_kend[e];
+      rev_dc += r_in[e] * d_rin[e] - b_src[e] * d_bsrc[e] - k_src[e] * d_ksrc[e] - ends;
+      const float dlw = rev_dc + rev_dcb + dcL;
+      rev_dcb += a_ex[e] * d_aex[e];
+      const float ct = cum_after;  // c_t
+      cum_after -= lw[t];
+      if (t < L) {
+        const int64_t o = wkv::seq_off(bb, t0 + t, h, T, H, N) + j;
+        const float E = expf(ct), after = expf(cL - ct);
+        dr[o] = wkv::from_f<F>(d_rin[e] * E);
+        dk[o] = wkv::from_f<F>(d_ksrc[e] / E + d_kend[e] * after);
+        dv[o] = wkv::from_f<F>(Dv[e]);
+        da[o] = wkv::from_f<F>(d_aex[e] * expf(cum_after));
+        db[o] = wkv::from_f<F>(d_bsrc[e] / E + d_bend[e] * after);
+        dw[o] = wkv::from_f<F>(-dlw * decay_scale * sigmoid_f(wv[t]) * sigmoid_f(-wv[t]));
+      }
+    }
+  }
+}
+
 }  // namespace wkv7tc

@@ -262,6 +262,15 @@ def test_wkv7_chunked_forward_equals_sequential_forward():
         assert rel_rms(got, want) < 5e-6, name
 
 
+@pytest.mark.parametrize("forward", ["sequential", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 37, 3), (3, 1, 2), (1, 64, 2), (2, 19, 40), (2, 1000, 4)],
+                         ids=lambda s: "B{}T{}H{}".format(*s))
+def test_wkv7_chunked_backward(shape, dtype, forward):
+    """WIP: the chunked tensor-core backward (head size 64), after either forward, against float64."""
+    check_against_reference(7, *shape, N=64, dtype=dtype, knob={"forward": forward, "backward": "chunked"})
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_wkv7_chunked_state_gradient_pass(dtype):
     """WIP: the chunked state-gradient pass (tensor cores) gives ds0 for a random dy and dsT against float64."""
