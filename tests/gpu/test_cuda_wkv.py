@@ -271,6 +271,12 @@ def test_wkv7_chunked_backward(shape, dtype, forward):
     check_against_reference(7, *shape, N=64, dtype=dtype, knob={"forward": forward, "backward": "chunked"})
 
 
+def test_wkv7_chunked_backward_long_sequence_no_drift():
+    """T = 16384 in bf16 through the chunked forward and backward against float64 (1024 chunks of state carried)."""
+    check_against_reference(7, 1, 16384, 1, 64, torch.bfloat16, seed=3,
+                            knob={"forward": "chunked", "backward": "chunked"})
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_wkv7_chunked_state_gradient_pass(dtype):
     """WIP: the chunked state-gradient pass (tensor cores) gives ds0 for a random dy and dsT against float64."""
