@@ -11,7 +11,7 @@
 #   bench-train   python3 -m infctx.bench.train, 0.1B, 4k..1M, full+truncated, within BENCH_TRAIN_BUDGET_S (270)
 #   ncu           Nsight Compute counters (occupancy, stalls, shared-memory wavefronts) of one wkv7 forward and
 #                 backward launch per shape in NCU_SHAPES (B,T,H ...; default 16,1024,32 4,4096,32), sequential
-#                 kernels (span 0; NCU_FORWARD=chunked: the chunked forward), kernels matching NCU_KERNELS (regex,
+#                 kernels (span 0; NCU_FORWARD / NCU_BACKWARD=chunked: the chunked ones), kernels matching NCU_KERNELS (regex,
 #                 default fwd_kernel|bwd_kernel)
 # Env: OUT (files to bring back; default /tmp/device_run_out), BUDGET_S (570: whole script; a stage that no longer
 # fits is skipped, the last one's timeout is cut), PY (python3), TRAIN_ARGS (extra `infctx fit` overrides),
@@ -81,7 +81,8 @@ from infctx.bench.kernels import make_inputs, ours
 for shape in sys.argv[1:]:
     B, T, H = map(int, shape.split(","))
     x = make_inputs(7, B, T, H, 64)
-    y, s = ours(7, span=0, forward=os.environ.get("NCU_FORWARD", "sequential"))(x)
+    y, s = ours(7, span=0, forward=os.environ.get("NCU_FORWARD", "sequential"),
+               backward=os.environ.get("NCU_BACKWARD", "sequential"))(x)
     torch.autograd.backward([y, s], [torch.randn_like(y), torch.randn_like(s)])
     torch.cuda.synchronize()
     print("ncu: ran", shape, flush=True)

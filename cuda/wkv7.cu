@@ -565,20 +565,62 @@ int wkv7_packet_floats() { return wkv7tc::kPacketFloats; }
 
 // The chunked tensor-core forward (wkv7_chunked.cuh): every chunk's S-independent terms at once, then one pass over
 // chunks per head. Same outputs as wkv7_forward_cuda; `packet` is its fp32 workspace, [B*H*nc, packet_floats].
-void wkv7_forward_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
-                               torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT,
-                               torch::Tensor ckpt, torch::Tensor sa, torch::Tensor packet) {
+// kBackward: the state-gradient pass (dy given; `state` = dsT in, `y` unused, `out` = ds0).
+template <bool kBackward>
+void chunked_launch(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
+                    torch::Tensor b, torch::Tensor dy, torch::Tensor state, torch::Tensor y, torch::Tensor out,
+                    torch::Tensor ckpt, torch::Tensor rows, torch::Tensor packet) {
   const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + CK - 1) / CK;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto element) {
     using F = decltype(element);
-    wkv7tc::prep_kernel<F><<<B * H * nc, WKV_N, 0, stream>>>(T, H, kDecayScale, cptr<F>(r), cptr<F>(w), cptr<F>(k),
-                                                            cptr<F>(v), cptr<F>(a), cptr<F>(b), packet.data_ptr<float>());
+    auto prep = wkv7tc::prep_kernel<F, kBackward>;
+    wkv::allow_smem(prep, wkv7tc::PrepSmem::kBytes);
+    prep<<<B * H * nc, 32, wkv7tc::PrepSmem::kBytes, stream>>>(T, H, kDecayScale, cptr<F>(r), cptr<F>(w),
+        cptr<F>(k), cptr<F>(v), cptr<F>(a), cptr<F>(b), cptr<F>(dy), packet.data_ptr<float>());
     WKV_LAUNCH_CHECK();
-    auto state = wkv7tc::state_kernel<F>;
-    wkv::allow_smem(state, wkv7tc::StateSmem::kBytes);
-    state<<<B * H, wkv7tc::kThreads, wkv7tc::StateSmem::kBytes, stream>>>(T, H, packet.data_ptr<float>(),
-        s0.data_ptr<float>(), mptr<F>(y), sT.data_ptr<float>(), ckpt.data_ptr<float>(), sa.data_ptr<float>());
+    auto pass = wkv7tc::state_kernel<F, kBackward>;
+    wkv::allow_smem(pass, wkv7tc::StateSmem::kBytes);
+    pass<<<B * H, wkv7tc::kThreads, wkv7tc::StateSmem::kBytes, stream>>>(T, H, packet.data_ptr<float>(),
+        state.data_ptr<float>(), mptr<F>(y), out.data_ptr<float>(), ckpt.data_ptr<float>(), rows.data_ptr<float>());
+    WKV_LAUNCH_CHECK();
+  };
+  if (r.scalar_type() == at::kBFloat16)
+    launch(__nv_bfloat16{});
+  else
+    launch(float{});
+}
+
+void wkv7_forward_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
+                               torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT,
+                               torch::Tensor ckpt, torch::Tensor sa, torch::Tensor packet) {
+  chunked_launch<false>(r, w, k, v, a, b, r, s0, y, sT, ckpt, sa, packet);
+}
+
+// WIP: the state-gradient pass in the same form: from dsT, the state gradient at every chunk's end (dckpt), the
+// rows of G = d sa (g, fp32 [B,T,H,N]) and ds0.
+void wkv7_backward_state_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                      torch::Tensor a, torch::Tensor b, torch::Tensor dy, torch::Tensor dsT,
+                                      torch::Tensor dckpt, torch::Tensor g, torch::Tensor ds0, torch::Tensor packet) {
+  chunked_launch<true>(r, w, k, v, a, b, dy, dsT, r, ds0, dckpt, g, packet);
+}
+
+// WIP: every chunk's input gradients at once (wkv7_chunked.cuh grad_kernel, head size 64), from the forward's
+// checkpoints and sa and the state-gradient pass's checkpoints and G.
+void wkv7_backward_grads_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                      torch::Tensor a, torch::Tensor b, torch::Tensor dy, torch::Tensor s0,
+                                      torch::Tensor ckpt, torch::Tensor dckpt, torch::Tensor sa, torch::Tensor gsa,
+                                      torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv,
+                                      torch::Tensor da, torch::Tensor db) {
+  const int B = r.size(0), T = r.size(1), H = r.size(2), nc = (T + CK - 1) / CK;
+  auto launch = [&](auto element) {
+    using F = decltype(element);
+    auto kern = wkv7tc::grad_kernel<F>;
+    wkv::allow_smem(kern, wkv7tc::GradSmem::kBytes);
+    kern<<<B * H * nc, wkv7tc::kThreads, wkv7tc::GradSmem::kBytes, c10::cuda::getCurrentCUDAStream()>>>(T, H,
+        kDecayScale, cptr<F>(r), cptr<F>(w), cptr<F>(k), cptr<F>(v), cptr<F>(a), cptr<F>(b), cptr<F>(dy),
+        s0.data_ptr<float>(), ckpt.data_ptr<float>(), dckpt.data_ptr<float>(), sa.data_ptr<float>(),
+        gsa.data_ptr<float>(), mptr<F>(dr), mptr<F>(dw), mptr<F>(dk), mptr<F>(dv), mptr<F>(da), mptr<F>(db));
     WKV_LAUNCH_CHECK();
   };
   if (r.scalar_type() == at::kBFloat16)

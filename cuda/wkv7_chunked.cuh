@@ -7,7 +7,8 @@
 //   (I - Mb) U = a_ex S^T + Mk V   (row t of U is sa_t)
 //   y = r_in S^T + Pb U + Pk V,   S <- S diag(e^{c_L}) + U^T b_end + V^T k_end
 // Everything that does not involve S is the same for every start state, so it runs for all chunks at once
-// (prep_kernel, fp32 on CUDA cores): W = (I - Mb)^-1 a_ex, Z = (I - Mb)^-1 Mk V, R = r_in + Pb W, Y = Pb Z + Pk V, so
+// (prep_kernel, one warp per chunk, its products on tensor cores as below):
+//   W = (I - Mb)^-1 a_ex, Z = (I - Mb)^-1 Mk V, R = r_in + Pb W, Y = Pb Z + Pk V, so
 //   U = W S^T + Z,   y = R S^T + Y,   S <- S diag(e^{c_L}) + U^T b_end + V^T k_end.
 // What is left is a pass over chunks per head (state_kernel) whose products run on tensor cores (mma.sync m16n8k8,
 // tf32 operands split into a high and a low part, three products each: fp32-grade results, so fp32 inputs keep
@@ -37,124 +38,6 @@ struct StateSmem {  // offsets in floats
 };
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
-
-// ---- prep_kernel: one block of N threads per chunk; thread j owns column j of every CK x N array ----------------
-template <typename F>
-__global__ void __launch_bounds__(WKV_N) prep_kernel(int T, int H, float decay_scale, const F* __restrict__ r,
-    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
-    const F* __restrict__ b, float* __restrict__ packet) {
-  constexpr int N = WKV_N, LP = N + 4;  // LP: 8 threads reading float4s of 8 rows hit distinct banks
-  __shared__ __align__(16) float a_ex[CK][LP], r_in[CK][LP], b_src[CK][LP], k_src[CK][LP];
-  __shared__ __align__(16) float pair[4][CK][CK];  // Mb, Mk, Pb, Pk
-  const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
-  const int bb = bh / H, h = bh % H, j = threadIdx.x, t0 = c * CK, L = min(CK, T - t0);
-  float lw[CK], vj[CK], b_end[CK], k_end[CK];
-  float cL = 0.f;
-#pragma unroll
-  for (int t = 0; t < CK; ++t) {
-    const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
-    lw[t] = t < L ? -decay_scale * sigmoid_f(wkv::to_f(w[o])) : 0.f;
-    cL += lw[t];
-  }
-  float cum = 0.f;
-#pragma unroll
-  for (int t = 0; t < CK; ++t) {
-    const bool in = t < L;
-    const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
-    const float before = cum;
-    cum += lw[t];
-    const float rt = in ? wkv::to_f(r[o]) : 0.f, kt = in ? wkv::to_f(k[o]) : 0.f;
-    const float at = in ? wkv::to_f(a[o]) : 0.f, bt = in ? wkv::to_f(b[o]) : 0.f;
-    const float inv = expf(-cum), after = expf(cL - cum);
-    r_in[t][j] = rt * expf(cum);
-    a_ex[t][j] = at * expf(before);
-    b_src[t][j] = bt * inv;
-    k_src[t][j] = kt * inv;
-    b_end[t] = bt * after;
-    k_end[t] = kt * after;
-    vj[t] = in ? wkv::to_f(v[o]) : 0.f;
-  }
-  __syncthreads();
-  // The four pair matrices, masked to their triangles; each (m, 4x4 tile) work item reads float4s of 4 + 4 rows.
-  for (int item = j; item < 4 * (CK / 4) * (CK / 4); item += N) {
-    const int m = item / 16, t0q = 4 * ((item / 4) % 4), s0q = 4 * (item % 4);
-    const float(*lhs)[LP] = m < 2 ? a_ex : r_in;
-    const float(*rhs)[LP] = (m & 1) ? k_src : b_src;
-    float acc[4][4] = {};
-    for (int x = 0; x < N; x += 4) {
-      float4 l[4], rr[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        l[u] = *reinterpret_cast<const float4*>(&lhs[t0q + u][x]);
-        rr[u] = *reinterpret_cast<const float4*>(&rhs[s0q + u][x]);
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-#pragma unroll
-        for (int z = 0; z < 4; ++z)
-          acc[u][z] = fmaf(l[u].w, rr[z].w,
-                           fmaf(l[u].z, rr[z].z, fmaf(l[u].y, rr[z].y, fmaf(l[u].x, rr[z].x, acc[u][z]))));
-    }
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-#pragma unroll
-      for (int z = 0; z < 4; ++z) {
-        const int t = t0q + u, s = s0q + z;
-        pair[m][t][s] = (m < 2 ? s < t : s <= t) ? acc[u][z] : 0.f;
-      }
-  }
-  __syncthreads();
-  // Column j: W = (I - Mb)^-1 a_ex, Z = (I - Mb)^-1 Mk V (forward substitution), R = r_in + Pb W, Y = Pb Z + Pk V
-  auto pair_row = [&](int m, int t, float (&row)[CK]) {  // one row of a pair matrix, four float4 reads
-#pragma unroll
-    for (int x = 0; x < CK / 4; ++x) {
-      const float4 f = *reinterpret_cast<const float4*>(&pair[m][t][4 * x]);
-      row[4 * x] = f.x, row[4 * x + 1] = f.y, row[4 * x + 2] = f.z, row[4 * x + 3] = f.w;
-    }
-  };
-  float Wc[CK], Zc[CK];
-#pragma unroll
-  for (int t = 0; t < CK; ++t) {
-    float mb[CK], mk[CK];
-    pair_row(0, t, mb);
-    pair_row(1, t, mk);
-    float wt = a_ex[t][j], zt = 0.f;
-#pragma unroll
-    for (int s = 0; s < t; ++s) {
-      wt += mb[s] * Wc[s];
-      zt += mb[s] * Zc[s] + mk[s] * vj[s];
-    }
-    Wc[t] = wt, Zc[t] = zt;
-  }
-  float* out = packet + int64_t(chunk) * kPacketFloats;
-  float Yc[CK];
-#pragma unroll
-  for (int t = 0; t < CK; ++t) {
-    float pb[CK], pk[CK];
-    pair_row(2, t, pb);
-    pair_row(3, t, pk);
-    float rt = r_in[t][j], yt = 0.f;
-#pragma unroll
-    for (int s = 0; s <= t; ++s) {
-      rt += pb[s] * Wc[s];
-      yt += pb[s] * Zc[s] + pk[s] * vj[s];
-    }
-    out[kW * kPartFloats + t * N + j] = Wc[t];
-    out[kR * kPartFloats + t * N + j] = rt;
-    Yc[t] = yt;
-  }
-  auto column = [&](Part part, const float (&x)[CK]) {  // thread j's 16 contiguous floats of a transposed part
-    float4* dst = reinterpret_cast<float4*>(out + part * kPartFloats + j * CK);
-#pragma unroll
-    for (int q = 0; q < CK / 4; ++q) dst[q] = make_float4(x[4 * q], x[4 * q + 1], x[4 * q + 2], x[4 * q + 3]);
-  };
-  column(kPT, b_end);
-  column(kQT, k_end);
-  column(kZT, Zc);
-  column(kYT, Yc);
-  column(kXT, vj);
-  out[kParts * kPartFloats + j] = expf(cL);
-}
 
 // ---- state_kernel: one block per head, warp w owns value rows 16w..16w+15, chunks in order ----------------------
 __device__ __forceinline__ uint32_t to_tf32(float x) {
@@ -194,7 +77,245 @@ __device__ __forceinline__ void mma3(float (&d)[4], const Split (&A)[4], float2 
 // B (8x8): b0 (q, g), b1 (q+4, g); C (16x8): c0 (g, 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1). Reduction index
 // k = q stands for 2q and k = q+4 for 2q+1 of each group of 8: a C fragment is then an A fragment (a0..a3 = c0, c2,
 // c1, c3), and B's two values are adjacent (one float2).
-template <typename F>
+// ---- fragments of shared-memory matrices (row-major, pitch ld), with the permuted reduction index above ----------
+// A (16 rows x 8 of the reduction, from column k0 of M)
+__device__ __forceinline__ void load_a(Split (&A)[4], const float* M, int ld, int k0, int g, int q) {
+  const float2 lo = *reinterpret_cast<const float2*>(M + g * ld + k0 + 2 * q);
+  const float2 hi = *reinterpret_cast<const float2*>(M + (g + 8) * ld + k0 + 2 * q);
+  A[0] = split(lo.x), A[1] = split(hi.x), A[2] = split(lo.y), A[3] = split(hi.y);
+}
+// A = M^T (16 rows x 8 of the reduction) for M stored by the reduction index: A[row][k] = M[k0 + k][row]
+__device__ __forceinline__ void load_a_t(Split (&A)[4], const float* M, int ld, int k0, int g, int q) {
+  const float* lo = M + (k0 + 2 * q) * ld;
+  A[0] = split(lo[g]), A[1] = split(lo[g + 8]), A[2] = split(lo[ld + g]), A[3] = split(lo[ld + g + 8]);
+}
+// B = Bt^T for a matrix stored by its n index (Bt[n][k]), tile (k0, n0)
+__device__ __forceinline__ float2 b_nt(const float* Bt, int ld, int k0, int n0, int g, int q) {
+  return *reinterpret_cast<const float2*>(Bt + (n0 + g) * ld + k0 + 2 * q);
+}
+// B stored by its reduction index (Bm[k][n]), tile (k0, n0)
+__device__ __forceinline__ float2 b_kn(const float* Bm, int ld, int k0, int n0, int g, int q) {
+  return make_float2(Bm[(k0 + 2 * q) * ld + n0 + g], Bm[(k0 + 2 * q + 1) * ld + n0 + g]);
+}
+// a C tile (16 x 8 at column n0) to or from a row-major matrix
+__device__ __forceinline__ void store_c(float* M, int ld, int n0, const float (&d)[4], int g, int q) {
+  *reinterpret_cast<float2*>(M + g * ld + n0 + 2 * q) = make_float2(d[0], d[1]);
+  *reinterpret_cast<float2*>(M + (g + 8) * ld + n0 + 2 * q) = make_float2(d[2], d[3]);
+}
+__device__ __forceinline__ void load_c(float (&d)[4], const float* M, int ld, int n0, int g, int q) {
+  const float2 lo = *reinterpret_cast<const float2*>(M + g * ld + n0 + 2 * q);
+  const float2 hi = *reinterpret_cast<const float2*>(M + (g + 8) * ld + n0 + 2 * q);
+  d[0] = lo.x, d[1] = lo.y, d[2] = hi.x, d[3] = hi.y;
+}
+// ... and into a transposed packet part ([N][CK]: element (t, j) at j * CK + t)
+__device__ __forceinline__ void store_c_transposed(float* part, int n0, const float (&d)[4], int g, int q) {
+  const int j = n0 + 2 * q;
+  part[j * CK + g] = d[0], part[(j + 1) * CK + g] = d[1];
+  part[j * CK + g + 8] = d[2], part[(j + 1) * CK + g + 8] = d[3];
+}
+
+// The backward prep's products: Pb^T dy (shared), W = (I - Mb)^-T b_end and Z = (I - Mb)^-T (Pb^T dy) (packet)
+__device__ __forceinline__ void chunk_backward_tail(float* out, const float* Ainv, const float* Pb, const float* DY,
+                                                    const float* B_end, float* PbT_dy, int g, int q) {
+  constexpr int N = WKV_N, ld = WKV_N + 8, lp = CK + 8;
+  Split At[2][4], Pt[2][4];  // Ainv^T and Pb^T as A operands
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt) load_a_t(At[kt], Ainv, lp, 8 * kt, g, q), load_a_t(Pt[kt], Pb, lp, 8 * kt, g, q);
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+    float dp[4] = {0.f, 0.f, 0.f, 0.f}, dw[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) {
+      mma3(dp, Pt[kt], b_kn(DY, ld, 8 * kt, 8 * n, g, q));
+      mma3(dw, At[kt], b_kn(B_end, ld, 8 * kt, 8 * n, g, q));
+    }
+    store_c(PbT_dy, ld, 8 * n, dp, g, q);
+    store_c(out + kW * kPartFloats, N, 8 * n, dw, g, q);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+    float dz[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) mma3(dz, At[kt], b_kn(PbT_dy, ld, 8 * kt, 8 * n, g, q));
+    store_c_transposed(out + kZT * kPartFloats, 8 * n, dz, g, q);
+  }
+}
+
+// ---- prep_kernel: one warp per chunk, the chunk's products on tensor cores (three tf32 products each) -------------
+struct PrepSmem {  // offsets in floats; W reuses b_src's slot, Mk V k_src's, Z a_ex's once those are dead
+  static constexpr int kLd = WKV_N + 8, kLdPair = CK + 8, kArray = CK * kLd;
+  enum Array { kAex, kRin, kBsrc, kKsrc, kV, kArrays };
+  static constexpr int kPair = kArrays * kArray, kAinv = kPair + 4 * CK * kLdPair, kFloats = kAinv + CK * kLdPair;
+  static constexpr size_t kBytes = size_t(kFloats) * sizeof(float);
+};
+
+// kBackward: the packet of the state-gradient pass instead (dy given): W = (I - Mb)^-T b_end, Z = (I - Mb)^-T Pb^T dy,
+// b_end -> a_ex, k_end -> r_in, V -> dy; so that pass computes G = Z + W dS^T (row t of G: d sa_t) and
+// dS <- dS diag(e^{c_L}) + G^T a_ex + dy^T r_in, chunks in reverse.
+template <typename F, bool kBackward>
+__global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scale, const F* __restrict__ r,
+    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
+    const F* __restrict__ b, const F* __restrict__ dy, float* __restrict__ packet) {
+  constexpr int N = WKV_N, E = N / 32, ld = PrepSmem::kLd, lp = PrepSmem::kLdPair;
+  extern __shared__ __align__(16) float sm[];
+  float *a_ex = sm + PrepSmem::kAex * PrepSmem::kArray, *r_in = sm + PrepSmem::kRin * PrepSmem::kArray;
+  float *b_src = sm + PrepSmem::kBsrc * PrepSmem::kArray, *k_src = sm + PrepSmem::kKsrc * PrepSmem::kArray;
+  float *V = sm + PrepSmem::kV * PrepSmem::kArray, *pair = sm + PrepSmem::kPair, *Ainv = sm + PrepSmem::kAinv;
+  float *Ws = b_src, *MkV = k_src, *Zs = a_ex;  // later contents of dead slots
+  float *DY = V, *B_end = k_src, *PbT_dy = b_src;  // the backward's (it needs neither V nor k_src)
+  const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
+  const int bb = bh / H, h = bh % H, lane = threadIdx.x, g = lane / 4, q = lane % 4, t0 = c * CK;
+  const int L = min(CK, T - t0);
+  float* out = packet + int64_t(chunk) * kPacketFloats;
+  auto column = [&](Part part, int j, const float (&x)[CK]) {  // 16 contiguous floats of a transposed part
+    float4* dst = reinterpret_cast<float4*>(out + part * kPartFloats + j * CK);
+#pragma unroll
+    for (int u = 0; u < CK / 4; ++u) dst[u] = make_float4(x[4 * u], x[4 * u + 1], x[4 * u + 2], x[4 * u + 3]);
+  };
+  // 1. per key column j: cumulative log decay, the scaled arrays (shared), b_end, k_end, V^T, e^{c_L} (packet)
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int j = E * lane + e;
+    float lw[CK], cL = 0.f;
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      lw[t] = t < L ? -decay_scale * sigmoid_f(wkv::to_f(w[o])) : 0.f;
+      cL += lw[t];
+    }
+    float cum = 0.f, p_col[CK], q_col[CK], x_col[CK];  // this column of the packet's P, Q, X
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const bool in = t < L;
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      const float before = cum;
+      cum += lw[t];
+      const float rt = in ? wkv::to_f(r[o]) : 0.f, kt = in ? wkv::to_f(k[o]) : 0.f;
+      const float at = in ? wkv::to_f(a[o]) : 0.f, bt = in ? wkv::to_f(b[o]) : 0.f;
+      const float inv = expf(-cum), after = expf(cL - cum), rin = rt * expf(cum), aex = at * expf(before);
+      r_in[t * ld + j] = rin;
+      a_ex[t * ld + j] = aex;
+      b_src[t * ld + j] = bt * inv;
+      if constexpr (kBackward) {
+        x_col[t] = in ? wkv::to_f(dy[o]) : 0.f;
+        p_col[t] = aex, q_col[t] = rin;
+        B_end[t * ld + j] = bt * after;
+      } else {
+        x_col[t] = in ? wkv::to_f(v[o]) : 0.f;
+        p_col[t] = bt * after, q_col[t] = kt * after;
+        k_src[t * ld + j] = kt * inv;
+      }
+      V[t * ld + j] = x_col[t];  // V, or dy in the backward's DY (the same slot)
+    }
+    column(kPT, j, p_col);
+    column(kQT, j, q_col);
+    column(kXT, j, x_col);
+    out[kParts * kPartFloats + j] = expf(cL);
+  }
+  __syncwarp();
+  // 2. the pair matrices Mb, Mk (strictly lower) and Pb, Pk (lower with the diagonal): [16 t] x [16 s], K = N
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    if (kBackward && (m & 1)) continue;  // the backward's pass needs Mb and Pb only
+    const float* lhs = m < 2 ? a_ex : r_in;
+    const float* rhs = (m & 1) ? k_src : b_src;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kt = 0; kt < N / 8; ++kt) {
+        Split A[4];
+        load_a(A, lhs, ld, 8 * kt, g, q);
+        mma3(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
+      }
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int t = g + 8 * (x >> 1), s = 8 * nt + 2 * q + (x & 1);
+        if (m < 2 ? s >= t : s > t) d[x] = 0.f;
+      }
+      store_c(pair + m * CK * lp, lp, 8 * nt, d, g, q);
+    }
+  }
+  __syncwarp();
+  const float *Mb = pair, *Mk = pair + CK * lp, *Pb = pair + 2 * CK * lp, *Pk = pair + 3 * CK * lp;
+  if (lane < CK) {  // 3. (I - Mb)^-1, unit lower triangular: column `lane` by forward substitution
+    float x[CK];
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      float xt = t == lane ? 1.f : 0.f;
+#pragma unroll
+      for (int s = 0; s < t; ++s) xt += Mb[t * lp + s] * x[s];
+      x[t] = xt;
+      Ainv[t * lp + lane] = xt;
+    }
+  }
+  __syncwarp();
+  if constexpr (kBackward) {
+    chunk_backward_tail(out, Ainv, Pb, DY, B_end, PbT_dy, g, q);
+    return;
+  }
+  Split Ai[2][4], Ab[2][4];  // Ainv and Pb as A operands, both 16 x 16
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt) load_a(Ai[kt], Ainv, lp, 8 * kt, g, q), load_a(Ab[kt], Pb, lp, 8 * kt, g, q);
+  // 4. W = (I - Mb)^-1 a_ex (packet and b_src's slot), Mk V (k_src's slot)
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+    float dw[4] = {0.f, 0.f, 0.f, 0.f}, dm[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) {
+      Split Am[4];
+      load_a(Am, Mk, lp, 8 * kt, g, q);
+      mma3(dw, Ai[kt], b_kn(a_ex, ld, 8 * kt, 8 * n, g, q));
+      mma3(dm, Am, b_kn(V, ld, 8 * kt, 8 * n, g, q));
+    }
+    store_c(out + kW * kPartFloats, N, 8 * n, dw, g, q);
+    store_c(Ws, ld, 8 * n, dw, g, q);
+    store_c(MkV, ld, 8 * n, dm, g, q);
+  }
+  __syncwarp();
+  // 5. Z = (I - Mb)^-1 (Mk V) (packet, transposed, and a_ex's slot); R = r_in + Pb W (packet)
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+    float dz[4] = {0.f, 0.f, 0.f, 0.f}, dr[4];
+    load_c(dr, r_in, ld, 8 * n, g, q);
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) {
+      mma3(dz, Ai[kt], b_kn(MkV, ld, 8 * kt, 8 * n, g, q));
+      mma3(dr, Ab[kt], b_kn(Ws, ld, 8 * kt, 8 * n, g, q));
+    }
+    store_c_transposed(out + kZT * kPartFloats, 8 * n, dz, g, q);
+    store_c(Zs, ld, 8 * n, dz, g, q);
+    store_c(out + kR * kPartFloats, N, 8 * n, dr, g, q);
+  }
+  __syncwarp();
+  // 6. Y = Pb Z + Pk V (packet, transposed)
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {
+    float dy[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) {
+      Split Ak[4];
+      load_a(Ak, Pk, lp, 8 * kt, g, q);
+      mma3(dy, Ab[kt], b_kn(Zs, ld, 8 * kt, 8 * n, g, q));
+      mma3(dy, Ak, b_kn(V, ld, 8 * kt, 8 * n, g, q));
+    }
+    store_c_transposed(out + kYT * kPartFloats, 8 * n, dy, g, q);
+  }
+}
+
+// A warp's 16 state rows (accumulator layout) to an N x N fp32 matrix.
+__device__ __forceinline__ void store_rows(float* dst, const float (&S)[WKV_N / 8][4], int i0, int g, int q) {
+#pragma unroll
+  for (int n = 0; n < WKV_N / 8; ++n) {
+    *reinterpret_cast<float2*>(dst + (i0 + g) * WKV_N + 8 * n + 2 * q) = make_float2(S[n][0], S[n][1]);
+    *reinterpret_cast<float2*>(dst + (i0 + g + 8) * WKV_N + 8 * n + 2 * q) = make_float2(S[n][2], S[n][3]);
+  }
+}
+
+// kBackward: the state-gradient pass of the same form (prep_kernel<F, true>'s packet): chunks in reverse from dsT,
+// `ckpt` gets the state gradient at every chunk's end, `sa` the rows of G (d sa_t), sT the gradient at the start (ds0).
+template <typename F, bool kBackward>
 __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const float* __restrict__ packet,
     const float* __restrict__ s0, F* __restrict__ y, float* __restrict__ sT, float* __restrict__ ckpt,
     float* __restrict__ sa) {
@@ -213,8 +334,8 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
   const float *Ws = sm + StateSmem::kW, *Rs = sm + StateSmem::kR, *total = sm + StateSmem::kTotal;
   auto part = [&](Part p) { return sm + StateSmem::kT + (p - kPT) * N * kLdCol; };  // transposed parts
   const float *PT = part(kPT), *QT = part(kQT), *ZT = part(kZT), *YT = part(kYT), *XT = part(kXT);
-  for (int c = 0; c < nc; ++c) {
-    const int t0 = c * CK, L = min(CK, T - t0);
+  for (int it = 0; it < nc; ++it) {
+    const int c = kBackward ? nc - 1 - it : it, t0 = c * CK, L = min(CK, T - t0);
     const float* src = packet + (int64_t(bh) * nc + c) * kPacketFloats;
     for (int x = threadIdx.x; x < kPacketFloats / 4; x += kThreads) {  // stage the packet, 16 bytes a copy
       const int f = 4 * x, p = f / kPartFloats, e = f % kPartFloats;
@@ -240,7 +361,7 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
       const float2 y0 = *reinterpret_cast<const float2*>(YT + (i0 + g) * kLdCol + t);
       const float2 y1 = *reinterpret_cast<const float2*>(YT + (i0 + g + 8) * kLdCol + t);
       U[nt][0] = z0.x, U[nt][1] = z0.y, U[nt][2] = z1.x, U[nt][3] = z1.y;
-      Y[nt][0] = y0.x, Y[nt][1] = y0.y, Y[nt][2] = y1.x, Y[nt][3] = y1.y;
+      if constexpr (!kBackward) Y[nt][0] = y0.x, Y[nt][1] = y0.y, Y[nt][2] = y1.x, Y[nt][3] = y1.y;
     }
 #pragma unroll
     for (int kt = 0; kt < NT; ++kt) {  // U^T += S W^T, y^T += S R^T over keys 8kt..8kt+7
@@ -249,7 +370,7 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
       for (int nt = 0; nt < 2; ++nt) {
         const int row = (8 * nt + g) * kLdRow + 8 * kt + 2 * q;
         mma3(U[nt], A, *reinterpret_cast<const float2*>(Ws + row));
-        mma3(Y[nt], A, *reinterpret_cast<const float2*>(Rs + row));
+        if constexpr (!kBackward) mma3(Y[nt], A, *reinterpret_cast<const float2*>(Rs + row));
       }
     }
     const int64_t base = wkv::seq_off(bb, t0, h, T, H, N), token_stride = int64_t(H) * N;
@@ -261,10 +382,12 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
         if (t < L) {
           const int64_t o = base + t * token_stride + i;
           sa[o] = U[nt][e];
-          y[o] = wkv::from_f<F>(Y[nt][e]);
+          if constexpr (!kBackward) y[o] = wkv::from_f<F>(Y[nt][e]);
         }
       }
     }
+    float* cp = ckpt + (int64_t(bh) * nc + c) * N * N;  // the state at the end of chunk c (backward: its gradient)
+    if constexpr (kBackward) store_rows(cp, S, i0, g, q);
 #pragma unroll
     for (int n = 0; n < NT; ++n) {  // S diag(e^{c_L})
       const float2 tot = *reinterpret_cast<const float2*>(total + 8 * n + 2 * q);
@@ -284,19 +407,189 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
         mma3(S[n], Ax, *reinterpret_cast<const float2*>(QT + col));
       }
     }
-    float* cp = ckpt + (int64_t(bh) * nc + c) * N * N;  // the state at the end of chunk c
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      *reinterpret_cast<float2*>(cp + (i0 + g) * N + 8 * n + 2 * q) = make_float2(S[n][0], S[n][1]);
-      *reinterpret_cast<float2*>(cp + (i0 + g + 8) * N + 8 * n + 2 * q) = make_float2(S[n][2], S[n][3]);
-    }
+    if constexpr (!kBackward) store_rows(cp, S, i0, g, q);
     __syncthreads();  // every warp is done with the staged packet
   }
-  float* out = sT + int64_t(bh) * N * N;
+  store_rows(sT + int64_t(bh) * N * N, S, i0, g, q);
+}
+
+
+// ---- grad_kernel: every chunk's input gradients at once (infctx/ops/wkv7_chunk_grad.py: chunk_backward) ---------
+// From the chunk's start state S0 (s0 or the forward's checkpoint c-1), the state gradient at its end dS (the
+// state-gradient pass's checkpoint c), U = sa and G = d sa. Block of kWarps warps per chunk; warp w computes the
+// output columns 16w..16w+15 of every 16 x N product, then thread j < N finishes column j (the log-decay sums).
+struct GradSmem {  // offsets in floats
+  static constexpr int kLd = WKV_N + 8, kLp = CK + 8, kArray = CK * kLd, kMat = WKV_N * kLd;
+  enum Array { kRin, kAex, kBsrc, kKsrc, kBend, kKend, kV, kDy, kU, kG, kArrays };
+  enum Pair { kMk, kPk, kdMb, kdMk, kdPb, kdPk, kPairs };
+  enum Out { oDv, oRin, oAex, oBsrc, oKsrc, oBend, oKend, kOuts };  // over S0 and dS once those are read
+  static constexpr int kS0 = kArrays * kArray, kdS = kS0 + kMat, kPair = kdS + kMat,
+                       kDtotal = kPair + kPairs * CK * kLp, kFloats = kDtotal + WKV_N;
+  static_assert(kOuts * kArray <= 2 * kMat, "the outputs must fit where S0 and dS were");
+  static constexpr size_t kBytes = size_t(kFloats) * sizeof(float);
+};
+
+template <typename F>
+__global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float decay_scale, const F* __restrict__ r,
+    const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
+    const F* __restrict__ b, const F* __restrict__ dy, const float* __restrict__ s0, const float* __restrict__ ckpt,
+    const float* __restrict__ dckpt, const float* __restrict__ sa, const float* __restrict__ gsa,
+    F* __restrict__ dr, F* __restrict__ dw, F* __restrict__ dk, F* __restrict__ dv, F* __restrict__ da,
+    F* __restrict__ db) {
+  using S = GradSmem;
+  constexpr int N = WKV_N, ld = S::kLd, lp = S::kLp;
+  extern __shared__ __align__(16) float sm[];
+  auto arr = [&](S::Array x) { return sm + x * S::kArray; };
+  auto pr = [&](S::Pair x) { return sm + S::kPair + x * CK * lp; };
+  auto res = [&](S::Out x) { return sm + S::kS0 + x * S::kArray; };
+  float *r_in = arr(S::kRin), *a_ex = arr(S::kAex), *b_src = arr(S::kBsrc), *k_src = arr(S::kKsrc);
+  float *b_end = arr(S::kBend), *k_end = arr(S::kKend), *V = arr(S::kV), *DY = arr(S::kDy), *U = arr(S::kU);
+  float *G = arr(S::kG), *S0 = sm + S::kS0, *dS = sm + S::kdS, *d_total = sm + S::kDtotal;
+  const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
+  const int bb = bh / H, h = bh % H, t0 = c * CK, L = min(CK, T - t0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, n0 = 16 * warp;
+  // 1. S0 and dS (float4 copies into padded rows), the chunk's scaled arrays (thread j: column j)
+  const float* s0src = c == 0 ? s0 + int64_t(bh) * N * N : ckpt + (int64_t(bh) * nc + c - 1) * N * N;
+  const float* dSsrc = dckpt + (int64_t(bh) * nc + c) * N * N;
+  for (int x = threadIdx.x; x < N * N / 4; x += kThreads) {
+    const int i = 4 * x / N, j = 4 * x % N;
+    *reinterpret_cast<float4*>(S0 + i * ld + j) = reinterpret_cast<const float4*>(s0src)[x];
+    *reinterpret_cast<float4*>(dS + i * ld + j) = reinterpret_cast<const float4*>(dSsrc)[x];
+  }
+  if (threadIdx.x < N) {
+    const int j = threadIdx.x;
+    float lw[CK], cL = 0.f, cum = 0.f;
 #pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    *reinterpret_cast<float2*>(out + (i0 + g) * N + 8 * n + 2 * q) = make_float2(S[n][0], S[n][1]);
-    *reinterpret_cast<float2*>(out + (i0 + g + 8) * N + 8 * n + 2 * q) = make_float2(S[n][2], S[n][3]);
+    for (int t = 0; t < CK; ++t) {
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      lw[t] = t < L ? -decay_scale * sigmoid_f(wkv::to_f(w[o])) : 0.f;
+      cL += lw[t];
+    }
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const bool in = t < L;
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      const float before = cum;
+      cum += lw[t];
+      const float rt = in ? wkv::to_f(r[o]) : 0.f, kt = in ? wkv::to_f(k[o]) : 0.f;
+      const float at = in ? wkv::to_f(a[o]) : 0.f, bt = in ? wkv::to_f(b[o]) : 0.f;
+      const float inv = expf(-cum), after = expf(cL - cum);
+      const int e = t * ld + j;
+      r_in[e] = rt * expf(cum), a_ex[e] = at * expf(before), b_src[e] = bt * inv, k_src[e] = kt * inv;
+      b_end[e] = bt * after, k_end[e] = kt * after;
+      V[e] = in ? wkv::to_f(v[o]) : 0.f;
+      DY[e] = in ? wkv::to_f(dy[o]) : 0.f;
+      U[e] = in ? sa[o] : 0.f;
+      G[e] = in ? gsa[o] : 0.f;
+    }
+  }
+  __syncthreads();
+  // 2. the pair matrices (12 tiles of 16 x 8 over the warps) and d total_j = sum_i S0_ij dS_ij
+  for (int tile = warp; tile < 2 * S::kPairs; tile += kWarps) {
+    const int m = tile / 2, nt = tile % 2;
+    const float* lhs = m == S::kMk ? a_ex : m == S::kPk ? r_in : (m == S::kdMb || m == S::kdMk) ? G : DY;
+    const float* rhs = m <= S::kPk ? k_src : (m == S::kdMb || m == S::kdPb) ? U : V;
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kt = 0; kt < N / 8; ++kt) {
+      Split A[4];
+      load_a(A, lhs, ld, 8 * kt, g, q);
+      mma3(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
+    }
+    const bool strict = m == S::kMk || m == S::kdMb || m == S::kdMk;  // the M's: below the diagonal
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int t = g + 8 * (x >> 1), s = 8 * nt + 2 * q + (x & 1);
+      if (strict ? s >= t : s > t) d[x] = 0.f;
+    }
+    store_c(pr(S::Pair(m)), lp, 8 * nt, d, g, q);
+  }
+  if (threadIdx.x < N) {
+    float acc = 0.f;
+    for (int i = 0; i < N; ++i) acc += S0[i * ld + threadIdx.x] * dS[i * ld + threadIdx.x];
+    d_total[threadIdx.x] = acc;
+  }
+  __syncthreads();
+  // 3. this warp's 16 columns of the seven 16 x N gradients (two tiles of 8 each)
+  float out[S::kOuts][2][4] = {};
+  auto small = [&](float (&d)[4], const float* P, bool transposed, const float* Bm, int nt) {  // P (16x16) B
+#pragma unroll
+    for (int kt = 0; kt < 2; ++kt) {
+      Split A[4];
+      if (transposed)
+        load_a_t(A, P, lp, 8 * kt, g, q);
+      else
+        load_a(A, P, lp, 8 * kt, g, q);
+      mma3(d, A, b_kn(Bm, ld, 8 * kt, n0 + 8 * nt, g, q));
+    }
+  };
+#pragma unroll
+  for (int kt = 0; kt < N / 8; ++kt) {  // the products over the state: K = N
+    Split Ak[4], Ad[4], Ag[4], Au[4], Av[4];
+    load_a(Ak, k_end, ld, 8 * kt, g, q), load_a(Ad, DY, ld, 8 * kt, g, q), load_a(Ag, G, ld, 8 * kt, g, q);
+    load_a(Au, U, ld, 8 * kt, g, q), load_a(Av, V, ld, 8 * kt, g, q);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      mma3(out[S::oDv][nt], Ak, b_nt(dS, ld, 8 * kt, n0 + 8 * nt, g, q));    // k_end dS^T
+      mma3(out[S::oRin][nt], Ad, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // dy S0
+      mma3(out[S::oAex][nt], Ag, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // G S0
+      mma3(out[S::oBend][nt], Au, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // U dS
+      mma3(out[S::oKend][nt], Av, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // V dS
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {  // the 16 x 16 pair products: K = 16
+    small(out[S::oDv][nt], pr(S::kPk), true, DY, nt), small(out[S::oDv][nt], pr(S::kMk), true, G, nt);
+    small(out[S::oRin][nt], pr(S::kdPb), false, b_src, nt), small(out[S::oRin][nt], pr(S::kdPk), false, k_src, nt);
+    small(out[S::oAex][nt], pr(S::kdMb), false, b_src, nt), small(out[S::oAex][nt], pr(S::kdMk), false, k_src, nt);
+    small(out[S::oBsrc][nt], pr(S::kdMb), true, a_ex, nt), small(out[S::oBsrc][nt], pr(S::kdPb), true, r_in, nt);
+    small(out[S::oKsrc][nt], pr(S::kdMk), true, a_ex, nt), small(out[S::oKsrc][nt], pr(S::kdPk), true, r_in, nt);
+  }
+  __syncthreads();  // S0 and dS are read: the outputs go there
+#pragma unroll
+  for (int o = 0; o < S::kOuts; ++o)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) store_c(res(S::Out(o)), ld, n0 + 8 * nt, out[o][nt], g, q);
+  __syncthreads();
+  if (threadIdx.x < N) {  // 4. column j: the log-decay gradient by reverse sums, then every input gradient
+    const int j = threadIdx.x;
+    const float *Dv = res(S::oDv), *d_rin = res(S::oRin), *d_aex = res(S::oAex), *d_bsrc = res(S::oBsrc);
+    const float *d_ksrc = res(S::oKsrc), *d_bend = res(S::oBend), *d_kend = res(S::oKend);
+    float lw[CK], wv[CK], cL = 0.f;
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      wv[t] = wkv::to_f(w[o]);
+      lw[t] = t < L ? -decay_scale * sigmoid_f(wv[t]) : 0.f;
+      cL += lw[t];
+    }
+    float dcL = expf(cL) * d_total[j];
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const int e = t * ld + j;
+      dcL += b_end[e] * d_bend[e] + k_end[e] * d_kend[e];
+    }
+    float cum_after = cL, rev_dc = 0.f, rev_dcb = 0.f;  // cum_after: c_t walking back; sums over t' >= t, t' > t
+#pragma unroll
+    for (int t = CK - 1; t >= 0; --t) {
+      const int e = t * ld + j;
+      const float ends = b_end[e] * d_bend[e] + k_end[e] * d_kend[e];
+      rev_dc += r_in[e] * d_rin[e] - b_src[e] * d_bsrc[e] - k_src[e] * d_ksrc[e] - ends;
+      const float dlw = rev_dc + rev_dcb + dcL;
+      rev_dcb += a_ex[e] * d_aex[e];
+      const float ct = cum_after;  // c_t
+      cum_after -= lw[t];
+      if (t < L) {
+        const int64_t o = wkv::seq_off(bb, t0 + t, h, T, H, N) + j;
+        const float E = expf(ct), after = expf(cL - ct);
+        dr[o] = wkv::from_f<F>(d_rin[e] * E);
+        dk[o] = wkv::from_f<F>(d_ksrc[e] / E + d_kend[e] * after);
+        dv[o] = wkv::from_f<F>(Dv[e]);
+        da[o] = wkv::from_f<F>(d_aex[e] * expf(cum_after));
+        db[o] = wkv::from_f<F>(d_bsrc[e] / E + d_bend[e] * after);
+        dw[o] = wkv::from_f<F>(-dlw * decay_scale * sigmoid_f(wv[t]) * sigmoid_f(-wv[t]));
+      }
+    }
   }
 }
 

@@ -10,6 +10,14 @@ void wkv7_forward_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k
                                torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT,
                                torch::Tensor ckpt, torch::Tensor sa, torch::Tensor packet);
 int wkv7_packet_floats();
+void wkv7_backward_grads_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                      torch::Tensor a, torch::Tensor b, torch::Tensor dy, torch::Tensor s0,
+                                      torch::Tensor ckpt, torch::Tensor dckpt, torch::Tensor sa, torch::Tensor gsa,
+                                      torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv,
+                                      torch::Tensor da, torch::Tensor db);
+void wkv7_backward_state_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                      torch::Tensor a, torch::Tensor b, torch::Tensor dy, torch::Tensor dsT,
+                                      torch::Tensor dckpt, torch::Tensor g, torch::Tensor ds0, torch::Tensor packet);
 void wkv7_backward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                         torch::Tensor b, torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa,
                         torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
@@ -58,6 +66,28 @@ static void forward_chunked(torch::Tensor r, torch::Tensor w, torch::Tensor k, t
   wkv7_forward_chunked_cuda(r, w, k, v, a, b, s0, y, sT, ckpt, sa, packet);
 }
 
+static void backward_state_chunked(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                   torch::Tensor a, torch::Tensor b, torch::Tensor dy, torch::Tensor dsT,
+                                   torch::Tensor dckpt, torch::Tensor g, torch::Tensor ds0, torch::Tensor packet) {
+  wkv::check_seq(r, {r, w, k, v, a, b, dy}, WKV_N);
+  check_buffers(r, {dsT, ds0}, dckpt, g);
+  wkv::check_f32_numel({packet}, wkv::Sizes(r).ckpt() / (WKV_N * WKV_N) * wkv7_packet_floats(),
+                       "the packet workspace [B*H*ceil(T/16), packet_floats]");
+  wkv7_backward_state_chunked_cuda(r, w, k, v, a, b, dy, dsT, dckpt, g, ds0, packet);
+}
+
+static void backward_grads_chunked(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
+                                   torch::Tensor a, torch::Tensor b, torch::Tensor dy, torch::Tensor s0,
+                                   torch::Tensor ckpt, torch::Tensor dckpt, torch::Tensor sa, torch::Tensor gsa,
+                                   torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv,
+                                   torch::Tensor da, torch::Tensor db) {
+  WKV_CHECK(WKV_N == 64, "wkv7 chunked backward: head size 64 only (its shared memory); use backward='sequential'");
+  wkv::check_seq(r, {r, w, k, v, a, b, dy, dr, dw, dk, dv, da, db}, WKV_N);
+  check_buffers(r, {s0}, ckpt, sa);
+  check_buffers(r, {s0}, dckpt, gsa);
+  wkv7_backward_grads_chunked_cuda(r, w, k, v, a, b, dy, s0, ckpt, dckpt, sa, gsa, dr, dw, dk, dv, da, db);
+}
+
 static void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                      torch::Tensor b, torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa,
                      torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
@@ -99,6 +129,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_chunked", &forward_chunked, "wkv7 forward on tensor cores, chunk terms at once then a pass over "
         "chunks: the outputs of forward; packet: fp32 workspace of packet_floats per chunk");
   m.def("packet_floats", &wkv7_packet_floats);
+  m.def("backward_grads_chunked", &backward_grads_chunked, "WIP wkv7 input gradients of every chunk at once on "
+        "tensor cores, from both passes' checkpoints, sa and d sa (head size 64)");
+  m.def("backward_state_chunked", &backward_state_chunked, "WIP wkv7 state-gradient pass on tensor cores: from dy "
+        "and dsT, the state gradient at every chunk end, d sa_t per token (fp32), ds0");
   m.def("backward", &backward, "wkv7 backward: fills every input gradient and ds0 from dy and dsT");
   m.def("transfer", &transfer, "wkv7 span transfer: per batch row, own state u, transition p and q = P r (fp32)");
   m.def("span_scan", &span_scan, "wkv7 span scan: state at every span start from s0, p, u");

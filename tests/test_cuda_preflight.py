@@ -216,6 +216,9 @@ def test_wkv7_span_choice(monkeypatch):
     with pytest.raises(ValueError) as err:
         cuda_wkv._wkv7(*[many] * 6, None, 0, None, 0, "mma")
     assert "forward='mma' must be 'sequential' or 'chunked'" in one_line(err)
+    picked.clear()
+    cuda_wkv._wkv7(*[few] * 6, None, 0, None, 0, "sequential", "chunked")
+    assert picked == [("sequential", 0)]  # the chunked backward runs the whole T: no span path
     for groups in (3, 8, -1):
         with pytest.raises(ValueError) as err:
             cuda_wkv._wkv7(*[many] * 6, None, 0, None, groups)

@@ -67,11 +67,11 @@ SWEEP = {7: ("s", "split", (2, 4, 8)), 6: ("r", "rows_per_block", (8, 16, 64)), 
 
 
 def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | None = None, groups: int = 0,
-         forward: str = "sequential") -> Callable:
+         forward: str = "sequential", backward: str = "sequential") -> Callable:
     """Our kernel; tiling != 0 forces the tuning knob (wkv7: threads per state row, wkv5/6: rows per block of
     the sequential kernel); `kernel` picks wkv5/6's chunk-parallel or sequential kernel, `span` wkv7's span
     length (None: auto, 0: the whole T in one pass), `groups` wkv7's forward blocks per head, `forward` wkv7's
-    forward kernel (sequential, chunked)."""
+    forward and backward kernels (sequential, chunked)."""
     from infctx import ops
 
     op = ops.get_wkv(version, "cuda")
@@ -79,7 +79,7 @@ def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | Non
     if version != 7:
         knobs["kernel"] = "sequential" if tiling else kernel
     else:
-        knobs.update(span=span, groups=groups, forward=forward)
+        knobs.update(span=span, groups=groups, forward=forward, backward=backward)
     return lambda x: op(*x.values(), **knobs)
 
 
@@ -208,6 +208,8 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
             if cfg.sweep:  # also the opt-in chunked tensor-core forward, whole T and with the span path
                 variants["ours-chunked"] = functools.partial(ours, span=0, forward="chunked")
                 variants["ours-chunked-spans"] = functools.partial(ours, forward="chunked")
+                variants["ours-chunked-bwd"] = functools.partial(ours, span=0, backward="chunked")
+                variants["ours-chunked-both"] = functools.partial(ours, span=0, forward="chunked", backward="chunked")
                 variants.update({f"ours-L{n}": functools.partial(ours, span=n) for n in SPAN_SWEEP})
                 variants.update({f"ours-seq-g{n}": functools.partial(ours, span=0, groups=n) for n in GROUPS_SWEEP})
         if cfg.sweep:

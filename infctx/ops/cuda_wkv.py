@@ -111,21 +111,43 @@ def _backward7(ext, seq: list[Tensor], dy: Tensor | None, dsT: Tensor | None, ck
     return grads, ds0
 
 
+def _backward7_chunked(ext, seq: list[Tensor], dy: Tensor | None, dsT: Tensor | None, s0: Tensor, ckpt: Tensor,
+                       sa: Tensor) -> tuple[list[Tensor], Tensor]:
+    """WIP: the chunked tensor-core backward (head size 64): the state-gradient pass over chunks in reverse, then
+    every chunk's input gradients at once. Same results as `_backward7`."""
+    r = seq[0]
+    B, T, H, N = r.shape
+    nc = _chunks(ext, r)
+    grads = [torch.empty_like(r) for _ in range(6)]
+    ds0, dckpt = torch.empty(B, H, N, N, device=r.device), torch.empty(B, H, nc, N, N, device=r.device)
+    gsa = torch.empty(B, T, H, N, device=r.device)
+    dy = _aligned(_grad_in(dy, r, r.dtype))
+    packet = torch.empty(B * H * nc, ext.packet_floats(), device=r.device)
+    ext.backward_state_chunked(*seq, dy, _grad_in(dsT, ds0, torch.float32), dckpt, gsa, ds0, packet)
+    del packet
+    ext.backward_grads_chunked(*seq, dy, s0, ckpt, dckpt, sa, gsa, *grads)
+    return grads, ds0
+
+
 class _WKV7(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, split, groups, kernel):
+    def forward(ctx, r, w, k, v, a, b, s0, split, groups, kernel, backward):
         ext = load_extension(7, r.shape[3], r.device)
-        y, sT, ckpt, sa = _forward7(ext, [r, w, k, v, a, b], _state_in(s0, r), split, groups, kernel)
-        ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
-        ctx.has_s0, ctx.split = s0 is not None, split
+        state = _state_in(s0, r)
+        y, sT, ckpt, sa = _forward7(ext, [r, w, k, v, a, b], state, split, groups, kernel)
+        ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa, state)
+        ctx.has_s0, ctx.split, ctx.backward_kernel = s0 is not None, split, backward
         return y, sT
 
     @staticmethod
     def backward(ctx, dy, dsT):
-        *seq, ckpt, sa = ctx.saved_tensors
+        *seq, ckpt, sa, state = ctx.saved_tensors
         ext = load_extension(7, seq[0].shape[3], seq[0].device)
-        grads, ds0 = _backward7(ext, seq, dy, dsT, ckpt, sa, ctx.split)
-        return (*grads, ds0 if ctx.has_s0 else None, None, None, None)
+        if ctx.backward_kernel == "chunked":
+            grads, ds0 = _backward7_chunked(ext, seq, dy, dsT, state, ckpt, sa)
+        else:
+            grads, ds0 = _backward7(ext, seq, dy, dsT, ckpt, sa, ctx.split)
+        return (*grads, ds0 if ctx.has_s0 else None, None, None, None, None)
 
 
 def _grads56(version: int, r: Tensor, w: Tensor) -> tuple[Tensor, ...]:
@@ -232,7 +254,7 @@ def auto_span(B: int, T: int, H: int) -> int:
 
 def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor | None = None, *,
               split: int = 0, groups: int = 0, span: int | None = None,
-              forward: str = "sequential") -> tuple[Tensor, Tensor]:
+              forward: str = "sequential", backward: str = "sequential") -> tuple[Tensor, Tensor]:
     """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math. Tuning knobs (every value gives the
     same result): `split` = threads that share one state row/column (0 = the measured default: 2 for N=64, 4 for
     N=128; else 2, 4 or 8); `groups` = forward blocks per head (0 = by B*H; else 1, 2, 4 or N/16); `span` = tokens
@@ -240,13 +262,15 @@ def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, 
     of 64 that divides T); `forward` = the forward kernel: "sequential" (per token; `split` and `groups` tune it)
     or "chunked" (chunks of 16 on tensor cores with fp32-grade products, cuda/wkv7_chunked.cuh; same outputs, both
     feed the same backward; slower than "sequential" on every shape measured so far, see
-    bench/results/kernels-notes.md)."""
+    bench/results/kernels-notes.md). WIP: `backward="chunked"` runs the chunked tensor-core backward (head size
+    64; the whole T in one pass, no span path)."""
     validate_inputs(7, dict(r=r, w=w, k=k, v=v, a=a, b=b), {}, s0)
-    return _wkv7(r, w, k, v, a, b, s0, split, span, groups, forward)
+    return _wkv7(r, w, k, v, a, b, s0, split, span, groups, forward, backward)
 
 
 def _wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor | None, split: int,
-          span: int | None, groups: int = 0, forward: str = "sequential") -> tuple[Tensor, Tensor]:
+          span: int | None, groups: int = 0, forward: str = "sequential",
+          backward: str = "sequential") -> tuple[Tensor, Tensor]:
     """The span path or the sequential kernels over the whole T, by `span` (see wkv7_cuda)."""
     B, T, H, N = r.shape
     span = auto_span(B, T, H) if span is None else span
@@ -255,12 +279,15 @@ def _wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: 
     if groups not in (0, *forward_groups(N)):
         raise ValueError(f"wkv7 cuda: groups={groups} must be 0 (auto) or one of "
                          f"{', '.join(map(str, forward_groups(N)))} (forward blocks per head)")
-    if forward not in ("sequential", "chunked"):
-        raise ValueError(f"wkv7 cuda: forward={forward!r} must be 'sequential' or 'chunked'")
+    for name, kernel in (("forward", forward), ("backward", backward)):
+        if kernel not in ("sequential", "chunked"):
+            raise ValueError(f"wkv7 cuda: {name}={kernel!r} must be 'sequential' or 'chunked'")
+    if backward == "chunked":
+        span = 0
     seq = [_aligned(x) for x in (r, *_like_r(r, w, k, v, a, b))]
     if span:
         return _WKV7Spans.apply(*seq, s0, split, groups, forward, span)
-    return _WKV7.apply(*seq, s0, split, groups, forward)
+    return _WKV7.apply(*seq, s0, split, groups, forward, backward)
 
 
 def _aligned(t: Tensor) -> Tensor:

@@ -262,6 +262,42 @@ def test_wkv7_chunked_forward_equals_sequential_forward():
         assert rel_rms(got, want) < 5e-6, name
 
 
+@pytest.mark.parametrize("forward", ["sequential", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 37, 3), (3, 1, 2), (1, 64, 2), (2, 19, 40), (2, 1000, 4)],
+                         ids=lambda s: "B{}T{}H{}".format(*s))
+def test_wkv7_chunked_backward(shape, dtype, forward):
+    """WIP: the chunked tensor-core backward (head size 64), after either forward, against float64."""
+    check_against_reference(7, *shape, N=64, dtype=dtype, knob={"forward": forward, "backward": "chunked"})
+
+
+def test_wkv7_chunked_backward_long_sequence_no_drift():
+    """T = 16384 in bf16 through the chunked forward and backward against float64 (1024 chunks of state carried)."""
+    check_against_reference(7, 1, 16384, 1, 64, torch.bfloat16, seed=3,
+                            knob={"forward": "chunked", "backward": "chunked"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_wkv7_chunked_state_gradient_pass(dtype):
+    """WIP: the chunked state-gradient pass (tensor cores) gives ds0 for a random dy and dsT against float64."""
+    from infctx.ops.cuda_build import load_extension
+
+    B, T, H, N = 2, 45, 3, 64
+    inputs = make_inputs(7, B, T, H, N, dtype, seed=3)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    gy = torch.randn(B, T, H, N, generator=g, device="cuda")
+    gs = torch.randn(B, H, N, N, generator=g, device="cuda")
+    ref = run(ops.wkv7_naive, inputs, gy.double(), gs.double(), double=True)
+    ext = load_extension(7, N, torch.device("cuda"))
+    nc = -(-T // ext.chunk_len())
+    dckpt, rows = torch.empty(B, H, nc, N, N, device="cuda"), torch.empty(B, T, H, N, device="cuda")
+    ds0, packet = torch.empty(B, H, N, N, device="cuda"), torch.empty(B * H * nc, ext.packet_floats(), device="cuda")
+    seq = [inputs[n] for n in ("r", "w", "k", "v", "a", "b")]
+    ext.backward_state_chunked(*seq, gy.to(dtype).contiguous(), gs, dckpt, rows, ds0, packet)
+    assert rel_rms(ds0, ref["ds0"]) <= TOL[dtype]
+    assert torch.equal(dckpt[:, :, -1], gs)  # the gradient at the last chunk's end is dsT itself
+
+
 def test_wkv7_decay_near_one_and_strong():
     """Backstepping divides by the decay: check the extremes of sigmoid (w = +-12) against the oracle in fp32."""
     inputs = make_inputs(7, 2, 50, 2, 64, torch.float32, seed=11)
