@@ -64,8 +64,10 @@ def _run_compiled(region: Callable, *args):
 def compiled(region: Callable) -> Callable:
     """torch.compile of a region, created on first use (importing dynamo costs seconds, so not at import time).
     A memo, not a switch: which path runs is decided per call by `runner`. fullgraph, so a graph break fails loudly
-    instead of silently splitting the fusion."""
-    return torch.compile(region, fullgraph=True)
+    instead of silently splitting the fusion. Inductor's mix-order reduction (one launch for a LayerNorm backward's
+    row and column sums) is off: with LayerNorm inside a region it returned a [C] gradient for a [1,1,C] mix
+    parameter on CUDA (torch 2.11; pytorch/pytorch#178080, and #193061 for wrong gradients of the same pass)."""
+    return torch.compile(region, fullgraph=True, options={"triton.mix_order_reduction": False})
 
 
 # ---- shared math (plain helpers; inlined into whichever region calls them) ------------------------------------------
