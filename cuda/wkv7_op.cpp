@@ -52,7 +52,8 @@ static void forward_chunked(torch::Tensor r, torch::Tensor w, torch::Tensor k, t
                             torch::Tensor sa, torch::Tensor packet) {
   wkv::check_seq(r, {r, w, k, v, a, b, y}, WKV_N);
   check_buffers(r, {s0, sT}, ckpt, sa);
-  wkv::check_f32_numel({packet}, wkv::Sizes(r).ckpt() / (WKV_N * WKV_N) * wkv7_packet_floats(),
+  const wkv::Sizes n(r);
+  wkv::check_f32_numel({packet}, n.B * n.H * n.nc * wkv7_packet_floats(),
                        "the packet workspace [B*H*ceil(T/16), packet_floats]");
   wkv7_forward_chunked_cuda(r, w, k, v, a, b, s0, y, sT, ckpt, sa, packet);
 }
@@ -96,7 +97,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "wkv7 forward: (r,w,k,v,a,b,s0) -> fills y, sT, end-of-chunk states, sa; split: "
         "threads per state index (0 auto); groups: forward blocks per head (0 auto)");
   m.def("forward_chunked", &forward_chunked, "wkv7 forward on tensor cores, chunk terms at once then a pass over "
-        "chunks (head size 64): the outputs of forward; packet: fp32 workspace of packet_floats per chunk");
+        "chunks: the outputs of forward; packet: fp32 workspace of packet_floats per chunk");
   m.def("packet_floats", &wkv7_packet_floats);
   m.def("backward", &backward, "wkv7 backward: fills every input gradient and ds0 from dy and dsT");
   m.def("transfer", &transfer, "wkv7 span transfer: per batch row, own state u, transition p and q = P r (fp32)");

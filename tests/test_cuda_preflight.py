@@ -215,7 +215,7 @@ def test_wkv7_span_choice(monkeypatch):
     assert picked == [("sequential", 2)]  # argument 8 of the whole-T Function is groups
     with pytest.raises(ValueError) as err:
         cuda_wkv._wkv7(*[many] * 6, None, 0, None, 0, "mma")
-    assert "forward='mma' must be 'auto', 'sequential' or 'chunked'" in one_line(err)
+    assert "forward='mma' must be 'sequential' or 'chunked'" in one_line(err)
     for groups in (3, 8, -1):
         with pytest.raises(ValueError) as err:
             cuda_wkv._wkv7(*[many] * 6, None, 0, None, groups)

@@ -3,9 +3,9 @@
 bf16 inputs, fp32 state in and out (initial_state and output_final_state on for fla too), N = 64, the shapes
 of issue 3. RWKV-7 is compared with fla `chunk_rwkv7` (w passed as log-decay), RWKV-5/6 with fla
 `chunk_rwkv6` (RWKV-5's constant decay expanded over time); wkv5/6 time both our kernels, the chunk-parallel
-default (`ours`) and the sequential one (`ours-seq`); wkv7 times the default (`ours`), one pass over the whole T
-with the sequential forward (`ours-seq`) and with the chunked tensor-core forward (`ours-chunked`; with the span
-path where it applies: `ours-chunked-spans`). Writes bench/results/kernels.json and kernels.md.
+default (`ours`) and the sequential one (`ours-seq`); wkv7 times the default (`ours`) and one pass over the whole
+T (`ours-seq`), and with --sweep also the chunked tensor-core forward (`ours-chunked`, and with the span path where it
+applies: `ours-chunked-spans`). Writes bench/results/kernels.json and kernels.md.
 Timing: CUDA events around fwd+bwd, median of `reps` after `warmup` runs; peak memory is the allocator's peak
 during one fwd+bwd above what the inputs already hold.
 """
@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from infctx.ops._common import rel_rms
+
 SHAPES = ((1, 16384, 32), (4, 4096, 32), (8, 4096, 12), (16, 1024, 32))
 LOG_DECAY7 = -math.exp(-0.5)
 
@@ -38,7 +40,7 @@ class BenchConfig:
     warmup: int = 3
     reps: int = 10
     with_fla: bool = True
-    sweep: bool = False  # also time each forced tiling of our kernels (wkv7: split, wkv5/6: rows per block)
+    sweep: bool = False  # also each forced tiling (wkv7: split, wkv5/6: rows per block) and wkv7's chunked forward
     profile: bool = False  # also record the GPU time per kernel of each of our variants (torch profiler)
 
 
@@ -65,11 +67,11 @@ SWEEP = {7: ("s", "split", (2, 4, 8)), 6: ("r", "rows_per_block", (8, 16, 64)), 
 
 
 def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | None = None, groups: int = 0,
-         forward: str = "auto") -> Callable:
+         forward: str = "sequential") -> Callable:
     """Our kernel; tiling != 0 forces the tuning knob (wkv7: threads per state row, wkv5/6: rows per block of
     the sequential kernel); `kernel` picks wkv5/6's chunk-parallel or sequential kernel, `span` wkv7's span
     length (None: auto, 0: the whole T in one pass), `groups` wkv7's forward blocks per head, `forward` wkv7's
-    forward kernel (auto, sequential, chunked)."""
+    forward kernel (sequential, chunked)."""
     from infctx import ops
 
     op = ops.get_wkv(version, "cuda")
@@ -164,7 +166,7 @@ def agreement(version: int) -> float:
     with torch.no_grad():
         a, _ = ours(version)(x)
         b, _ = fla(version)({**x, "s0": x["s0"].transpose(-1, -2).contiguous()})  # fla's state is [key, value]
-    return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+    return rel_rms(a, b)
 
 
 def shape_rows(version: int, B: int, T: int, H: int, times: dict[str, dict], cfg: BenchConfig) -> list[dict]:
@@ -202,10 +204,10 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
         if version != 7:  # the sequential wkv5/6 kernel beside the chunked default, in the same run
             variants["ours-seq"] = functools.partial(ours, kernel="sequential")
         else:  # wkv7 without the span path, and (sweep) with each span length
-            variants["ours-seq"] = functools.partial(ours, span=0, forward="sequential")
-            variants["ours-chunked"] = functools.partial(ours, span=0, forward="chunked")
-            variants["ours-chunked-spans"] = functools.partial(ours, forward="chunked")
-            if cfg.sweep:
+            variants["ours-seq"] = functools.partial(ours, span=0)
+            if cfg.sweep:  # also the opt-in chunked tensor-core forward, whole T and with the span path
+                variants["ours-chunked"] = functools.partial(ours, span=0, forward="chunked")
+                variants["ours-chunked-spans"] = functools.partial(ours, forward="chunked")
                 variants.update({f"ours-L{n}": functools.partial(ours, span=n) for n in SPAN_SWEEP})
                 variants.update({f"ours-seq-g{n}": functools.partial(ours, span=0, groups=n) for n in GROUPS_SWEEP})
         if cfg.sweep:
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--versions", type=int, nargs="+", default=list(BenchConfig.versions))
     p.add_argument("--reps", type=int, default=BenchConfig.reps)
     p.add_argument("--no-fla", action="store_true", help="skip the fla comparison")
-    p.add_argument("--sweep", action="store_true", help="also time every tiling of our kernels")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time every tiling of our kernels and wkv7's chunked forward")
     p.add_argument("--profile", action="store_true", help="also record the GPU time per kernel of our variants")
     p.add_argument("--shapes", nargs="+", default=None, metavar="B,T,H", help="shapes to time (default: issue 3's)")
     args = p.parse_args(argv)

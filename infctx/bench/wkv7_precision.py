@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from infctx.bench.kernels import make_inputs
 from infctx.ops import wkv7_chunked, wkv7_naive
+from infctx.ops._common import rel_rms
 from infctx.ops.wkv7_chunk_grad import chunked_backward, chunked_forward
 
 FORMATS = ("fp32", "tf32", "bf16", "bf16+tf32-state")
@@ -110,10 +111,6 @@ ALGORITHMS = {  # name -> run(x, gy, gs, chunk)
     "autograd": lambda x, gy, gs, chunk: run(lambda *xs: wkv7_chunked(*xs, chunk_len=chunk), x, gy, gs),
     "hand": run_hand,
 }
-
-
-def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
 
 
 def measure(T: int, chunk: int, H: int = 2, seed: int = 0) -> dict:

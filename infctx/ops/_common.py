@@ -1,4 +1,4 @@
-"""Shared helpers for the pure-PyTorch WKV ops: dtype policy and state set-up."""
+"""Shared helpers for the pure-PyTorch WKV ops: dtype policy, state set-up, and the error measure of every check."""
 
 from __future__ import annotations
 
@@ -39,3 +39,11 @@ def wkv7_log_decay(w: Tensor) -> Tensor:
 def wkv6_log_decay(w: Tensor) -> Tensor:
     """log of the RWKV-5/6 decay exp(-exp(w))."""
     return -torch.exp(w)
+
+
+def rel_rms(got: Tensor, ref: Tensor) -> float:
+    """RMS(got - ref) / RMS(ref), in float64: the error measure of the kernel contracts (doctor, benchmarks, the
+    precision study); inf where it is not finite (a NaN never passes a `<=` threshold silently)."""
+    ref = ref.double()
+    err = ((got.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+    return err if math.isfinite(err) else math.inf

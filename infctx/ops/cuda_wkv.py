@@ -82,16 +82,16 @@ def _no_scratch(r: Tensor) -> Tensor:
 
 
 def _forward7(ext, seq: list[Tensor], s0: Tensor, split: int, groups: int,
-              forward: str = "sequential") -> tuple[Tensor, ...]:
+              kernel: str = "sequential") -> tuple[Tensor, ...]:
     """The wkv7 forward on [B,T,H,N] inputs (r, w, k, v, a, b) from s0: (y, sT, ckpt, sa), by the sequential kernel
-    or (forward="chunked") the chunked tensor-core one, which gives the same outputs."""
+    or (kernel="chunked") the chunked tensor-core one, which gives the same outputs."""
     r = seq[0]
     B, T, H, N = r.shape
     y, sT = torch.empty_like(r), torch.empty(B, H, N, N, device=r.device)
     nc = _chunks(ext, r)
     ckpt = torch.empty(B, H, nc, N, N, device=r.device)
     sa = torch.empty(B, T, H, N, device=r.device)
-    if forward == "chunked":
+    if kernel == "chunked":
         packet = torch.empty(B * H * nc, ext.packet_floats(), device=r.device)
         ext.forward_chunked(*seq, s0, y, sT, ckpt, sa, packet)
     else:
@@ -113,9 +113,9 @@ def _backward7(ext, seq: list[Tensor], dy: Tensor | None, dsT: Tensor | None, ck
 
 class _WKV7(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, split, groups, forward):
+    def forward(ctx, r, w, k, v, a, b, s0, split, groups, kernel):
         ext = load_extension(7, r.shape[3], r.device)
-        y, sT, ckpt, sa = _forward7(ext, [r, w, k, v, a, b], _state_in(s0, r), split, groups, forward)
+        y, sT, ckpt, sa = _forward7(ext, [r, w, k, v, a, b], _state_in(s0, r), split, groups, kernel)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa)
         ctx.has_s0, ctx.split = s0 is not None, split
         return y, sT
@@ -177,7 +177,7 @@ class _WKV7Spans(torch.autograd.Function):
     tests/test_wkv7_span_math.py."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, split, groups, forward, span):
+    def forward(ctx, r, w, k, v, a, b, s0, split, groups, kernel, span):
         B, T, H, N = r.shape
         ns = T // span
         ext = load_extension(7, N, r.device)
@@ -189,7 +189,7 @@ class _WKV7Spans(torch.autograd.Function):
         starts = torch.empty_like(own)
         ext.span_scan(_state_in(s0, r), trans, own, starts)
         del own
-        y, ends, ckpt, sa = _forward7(ext, seq, starts.view(B * ns, H, N, N), split, groups, forward)
+        y, ends, ckpt, sa = _forward7(ext, seq, starts.view(B * ns, H, N, N), split, groups, kernel)
         ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa, trans, q)
         ctx.has_s0, ctx.split, ctx.span = s0 is not None, split, span
         return y.view(B, T, H, N), ends.view(B, ns, H, N, N)[:, -1].contiguous()
@@ -230,27 +230,23 @@ def auto_span(B: int, T: int, H: int) -> int:
     return next((L for L in fits if B * H * (T // L) >= SPAN_TARGET_ROWS), fits[-1] if fits else 0)
 
 
-def auto_forward(N: int) -> str:
-    """The wkv7 forward kernel for forward="auto": the chunked tensor-core one where it is built (N = 64)."""
-    return "sequential"
-
-
 def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor | None = None, *,
               split: int = 0, groups: int = 0, span: int | None = None,
-              forward: str = "auto") -> tuple[Tensor, Tensor]:
+              forward: str = "sequential") -> tuple[Tensor, Tensor]:
     """RWKV-7 WKV on the CUDA kernel; see infctx.ops.wkv7_naive for the math. Tuning knobs (every value gives the
     same result): `split` = threads that share one state row/column (0 = the measured default: 2 for N=64, 4 for
     N=128; else 2, 4 or 8); `groups` = forward blocks per head (0 = by B*H; else 1, 2, 4 or N/16); `span` = tokens
     per span of the span path for long T with few heads (None: the rule of `auto_span`; 0: off; else a multiple
-    of 64 that divides T); `forward` = the forward kernel: "sequential" (per token; `split` and `groups` tune it),
-    "chunked" (chunks of 16 on tensor cores, fp32-grade: cuda/wkv7_chunked.cuh) or "auto" (`auto_forward`). Both
-    forwards feed the same backward."""
+    of 64 that divides T); `forward` = the forward kernel: "sequential" (per token; `split` and `groups` tune it)
+    or "chunked" (chunks of 16 on tensor cores with fp32-grade products, cuda/wkv7_chunked.cuh; same outputs, both
+    feed the same backward; slower than "sequential" on every shape measured so far, see
+    bench/results/kernels-notes.md)."""
     validate_inputs(7, dict(r=r, w=w, k=k, v=v, a=a, b=b), {}, s0)
     return _wkv7(r, w, k, v, a, b, s0, split, span, groups, forward)
 
 
 def _wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: Tensor | None, split: int,
-          span: int | None, groups: int = 0, forward: str = "auto") -> tuple[Tensor, Tensor]:
+          span: int | None, groups: int = 0, forward: str = "sequential") -> tuple[Tensor, Tensor]:
     """The span path or the sequential kernels over the whole T, by `span` (see wkv7_cuda)."""
     B, T, H, N = r.shape
     span = auto_span(B, T, H) if span is None else span
@@ -259,9 +255,8 @@ def _wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: 
     if groups not in (0, *forward_groups(N)):
         raise ValueError(f"wkv7 cuda: groups={groups} must be 0 (auto) or one of "
                          f"{', '.join(map(str, forward_groups(N)))} (forward blocks per head)")
-    forward = auto_forward(N) if forward == "auto" else forward
     if forward not in ("sequential", "chunked"):
-        raise ValueError(f"wkv7 cuda: forward={forward!r} must be 'auto', 'sequential' or 'chunked'")
+        raise ValueError(f"wkv7 cuda: forward={forward!r} must be 'sequential' or 'chunked'")
     seq = [_aligned(x) for x in (r, *_like_r(r, w, k, v, a, b))]
     if span:
         return _WKV7Spans.apply(*seq, s0, split, groups, forward, span)

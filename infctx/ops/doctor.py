@@ -7,12 +7,12 @@ is not (on a machine without a GPU that is the expected, clean outcome: training
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 
 import torch
 
 from . import cuda_build as cb
+from ._common import rel_rms
 
 
 def _say(ok: bool, what: str) -> bool:
@@ -99,8 +99,7 @@ def tiny_check(op, ref, version: int, B: int = 2, T: int = 21, H: int = 2, N: in
         torch.autograd.backward([y, sT], [gy.to(dtype), gs.to(dtype)])
         outs.append([y.detach(), sT.detach(), *[t.grad for t in leaves]])
     for got, want in zip(*outs):
-        diff = (got.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp_min(1e-30)
-        worst = max(worst, diff.item() if math.isfinite(diff.item()) else math.inf)
+        worst = max(worst, rel_rms(got, want))
     return worst
 
 
