@@ -32,9 +32,10 @@ class ChannelMixV7(nn.Module):
         init_projection(self.key, 1.0)
         init_projection(self.value, 0.0)
 
-    def forward(self, x: Tensor, shift: Tensor) -> Tensor:
+    def forward(self, x: Tensor, norm: fused.Norm | None, shift: Tensor) -> tuple[Tensor, Tensor]:
+        """x: ln2's input when `norm` is given, else ln2's output. Returns (out, the shift row to carry)."""
         run = fused.runner(self.fuse, x)
-        return run(fused.v7_channel_mix, x, shift, self.x_k, self.key.weight, self.value.weight)
+        return run(fused.v7_channel_mix, x, norm, shift, self.x_k, self.key.weight, self.value.weight)
 
 
 class GatedChannelMix(nn.Module):
@@ -65,10 +66,12 @@ class GatedChannelMix(nn.Module):
         init_projection(self.receptance, 0.0)
         init_projection(self.value, 0.0)
 
-    def forward(self, x: Tensor, shift: Tensor) -> Tensor:
+    def forward(self, x: Tensor, norm: fused.Norm | None, shift: Tensor) -> tuple[Tensor, Tensor]:
+        """As ChannelMixV7.forward."""
         run = fused.runner(self.fuse, x)
         mix_k, mix_r = (getattr(self, name) for name in self._mix_names)
-        return run(self.region, x, shift, mix_k, mix_r, self.key.weight, self.receptance.weight, self.value.weight)
+        return run(self.region, x, norm, shift, mix_k, mix_r, self.key.weight, self.receptance.weight,
+                   self.value.weight)
 
 
 class ChannelMixV6(GatedChannelMix):

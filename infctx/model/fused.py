@@ -64,11 +64,21 @@ def _run_compiled(region: Callable, *args):
 def compiled(region: Callable) -> Callable:
     """torch.compile of a region, created on first use (importing dynamo costs seconds, so not at import time).
     A memo, not a switch: which path runs is decided per call by `runner`. fullgraph, so a graph break fails loudly
-    instead of silently splitting the fusion."""
-    return torch.compile(region, fullgraph=True)
+    instead of silently splitting the fusion. Inductor's mix-order reduction (one launch for a LayerNorm backward's
+    row and column sums) is off: with LayerNorm inside a region it returned a [C] gradient for a [1,1,C] mix
+    parameter on CUDA (torch 2.11; pytorch/pytorch#178080, and #193061 for wrong gradients of the same pass)."""
+    return torch.compile(region, fullgraph=True, options={"triton.mix_order_reduction": False})
 
 
 # ---- shared math (plain helpers; inlined into whichever region calls them) ------------------------------------------
+
+Norm = tuple[Tensor, Tensor, float]  # a LayerNorm's (weight, bias, eps), applied at the start of a region
+
+
+def normed(x: Tensor, norm: Norm | None) -> Tensor:
+    """x through the block's LayerNorm when the region owns it (norm given), else x (already normalised)."""
+    return x if norm is None else F.layer_norm(x, x.shape[-1:], norm[0], norm[1], norm[2])
+
 
 def lerp_prev(x: Tensor, xx: Tensor, m: Tensor) -> Tensor:
     """RWKV-6/7 token-shift mix, xx = shift(x) - x: m is the weight of the previous token."""
@@ -93,11 +103,13 @@ def relu_sq_ffn(xk: Tensor, key_w: Tensor, value_w: Tensor) -> Tensor:
 
 # ---- RWKV-7 time mix ------------------------------------------------------------------------------------------------
 
-def v7_shift_mix(x: Tensor, prev: Tensor, mixes: Sequence[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """x [B,T,C], prev [B,C] (the carried last row of the previous segment) -> x + (shift(x) - x) * m per mix, in
-    out_dtype (each feeds only matmuls)."""
+def v7_shift_mix(x: Tensor, norm: Norm | None, prev: Tensor, mixes: Sequence[Tensor],
+                 out_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """x [B,T,C] (normalised here by `norm`, if given), prev [B,C] (the carried last row of the previous segment)
+    -> x + (shift(x) - x) * m per mix, in out_dtype (each feeds only matmuls), and the last row to carry."""
+    x = normed(x, norm)
     xx = token_shift(x, prev) - x
-    return tuple(lerp_prev(x, xx, m).to(out_dtype) for m in mixes)
+    return (*(lerp_prev(x, xx, m).to(out_dtype) for m in mixes), x[:, -1])
 
 
 def v7_value_residual(v: Tensor, v_first: Tensor, xv: Tensor, v0: Tensor, v1: Tensor, v2: Tensor,
@@ -143,28 +155,32 @@ def v7_out(
 
 # ---- RWKV-5/6 time mix ----------------------------------------------------------------------------------------------
 
-def v5_shift_mix(x: Tensor, prev: Tensor, mixes: Sequence[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """RWKV-5's static mixes: x * m + shift(x) * (1 - m) per mix, in out_dtype (each feeds a projection)."""
+def v5_shift_mix(x: Tensor, norm: Norm | None, prev: Tensor, mixes: Sequence[Tensor],
+                 out_dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """RWKV-5's static mixes: x * m + shift(x) * (1 - m) per mix, in out_dtype (each feeds a projection), and the
+    last row of (normalised) x to carry."""
+    x = normed(x, norm)
     xx = token_shift(x, prev)
-    return tuple(lerp_cur(x, xx, m).to(out_dtype) for m in mixes)
+    return (*(lerp_cur(x, xx, m).to(out_dtype) for m in mixes), x[:, -1])
 
 
 def v6_shift_mix(
-    x: Tensor, prev: Tensor, maa_x: Tensor, maa_w1: Tensor, maa_w2: Tensor, maas: Sequence[Tensor],
+    x: Tensor, norm: Norm | None, prev: Tensor, maa_x: Tensor, maa_w1: Tensor, maa_w2: Tensor, maas: Sequence[Tensor],
     decay: Sequence[Tensor], out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """RWKV-6's data-dependent mixes and decay -> (w, xk, xv, xr, xg), all in out_dtype (the projections' and the
-    WKV op's).
+    WKV op's), and the last row of (normalised) x to carry.
 
     maas = (time_maa_w, _k, _v, _r, _g); decay = (time_decay, time_decay_w1, time_decay_w2)."""
     B, T, C = x.shape
+    x = normed(x, norm)
     xx = token_shift(x, prev) - x
     xxx = torch.tanh(lerp_prev(x, xx, maa_x) @ maa_w1).view(B * T, 5, -1).transpose(0, 1)
     lora = torch.bmm(xxx, maa_w2).view(5, B, T, C).unbind(dim=0)
     xw, xk, xv, xr, xg = (lerp_prev(x, xx, maa + m) for maa, m in zip(maas, lora))
     time_decay, decay_w1, decay_w2 = decay
     w = time_decay + torch.tanh(xw @ decay_w1) @ decay_w2
-    return tuple(t.to(out_dtype) for t in (w, xk, xv, xr, xg))
+    return (*(t.to(out_dtype) for t in (w, xk, xv, xr, xg)), x[:, -1])
 
 
 def gated_out(y: Tensor, gate: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, divisor: float,
@@ -176,25 +192,31 @@ def gated_out(y: Tensor, gate: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, d
 
 # ---- channel mix ----------------------------------------------------------------------------------------------------
 
-def v7_channel_mix(x: Tensor, prev: Tensor, x_k: Tensor, key_w: Tensor, value_w: Tensor) -> Tensor:
-    """RWKV-7 FFN with the carried shift row: value(relu(key(x + (shift(x) - x) * x_k))^2)."""
-    return relu_sq_ffn(lerp_prev(x, token_shift(x, prev) - x, x_k), key_w, value_w)
+def v7_channel_mix(x: Tensor, norm: Norm | None, prev: Tensor, x_k: Tensor, key_w: Tensor,
+                   value_w: Tensor) -> tuple[Tensor, Tensor]:
+    """RWKV-7 FFN with the carried shift row: value(relu(key(x + (shift(x) - x) * x_k))^2), and the last row of
+    (normalised) x to carry."""
+    x = normed(x, norm)
+    return relu_sq_ffn(lerp_prev(x, token_shift(x, prev) - x, x_k), key_w, value_w), x[:, -1]
 
 
 def _gated_ffn(xk: Tensor, xr: Tensor, key_w: Tensor, rec_w: Tensor, value_w: Tensor) -> Tensor:
     return torch.sigmoid(F.linear(xr, rec_w)) * relu_sq_ffn(xk, key_w, value_w)
 
 
-def v6_channel_mix(x: Tensor, prev: Tensor, maa_k: Tensor, maa_r: Tensor, key_w: Tensor, rec_w: Tensor,
-                   value_w: Tensor) -> Tensor:
-    """RWKV-6 FFN: sigmoid(receptance(xr)) * value(relu(key(xk))^2), mixes weighting the previous token.
-    shift(x) - x is formed once per mix, as the reference path always did, so gradients sum in the same order."""
+def v6_channel_mix(x: Tensor, norm: Norm | None, prev: Tensor, maa_k: Tensor, maa_r: Tensor, key_w: Tensor,
+                   rec_w: Tensor, value_w: Tensor) -> tuple[Tensor, Tensor]:
+    """RWKV-6 FFN: sigmoid(receptance(xr)) * value(relu(key(xk))^2), mixes weighting the previous token, and the
+    last row of (normalised) x to carry. shift(x) - x is formed once per mix, as the reference path always did, so
+    gradients sum in the same order."""
+    x = normed(x, norm)
     sx = token_shift(x, prev)
-    return _gated_ffn(lerp_prev(x, sx - x, maa_k), lerp_prev(x, sx - x, maa_r), key_w, rec_w, value_w)
+    return _gated_ffn(lerp_prev(x, sx - x, maa_k), lerp_prev(x, sx - x, maa_r), key_w, rec_w, value_w), x[:, -1]
 
 
-def v5_channel_mix(x: Tensor, prev: Tensor, mix_k: Tensor, mix_r: Tensor, key_w: Tensor, rec_w: Tensor,
-                   value_w: Tensor) -> Tensor:
+def v5_channel_mix(x: Tensor, norm: Norm | None, prev: Tensor, mix_k: Tensor, mix_r: Tensor, key_w: Tensor,
+                   rec_w: Tensor, value_w: Tensor) -> tuple[Tensor, Tensor]:
     """RWKV-5 FFN: as RWKV-6's, mixes weighting the current token."""
+    x = normed(x, norm)
     xx = token_shift(x, prev)
-    return _gated_ffn(lerp_cur(x, xx, mix_k), lerp_cur(x, xx, mix_r), key_w, rec_w, value_w)
+    return _gated_ffn(lerp_cur(x, xx, mix_k), lerp_cur(x, xx, mix_r), key_w, rec_w, value_w), x[:, -1]

@@ -29,6 +29,15 @@ MODULES: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {
 }
 
 
+def norm_input(ln: nn.LayerNorm, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, float] | None]:
+    """(x, ln's weight/bias/eps) for a time-mix/channel-mix module to normalise inside its first fused region (no
+    fp32 LayerNorm output in memory, no separate LayerNorm kernels); (ln(x), None) where DeepSpeed ZeRO-3 partitions
+    ln's weights, which only ln's own forward hook gathers."""
+    if hasattr(ln.weight, "ds_id"):
+        return ln(x), None
+    return x, (ln.weight, ln.bias, ln.eps)
+
+
 class Block(nn.Module):
     """x -> (ln0 on layer 0) -> x + att(ln1 x) -> x + ffn(ln2 x); the shift states are the last rows of ln1/ln2."""
 
@@ -56,12 +65,10 @@ class Block(nn.Module):
         att_shift, wkv_state, ffn_shift = layer_state
         if self.layer_id == 0:
             x = self.ln0(x)
-        xa = self.ln1(x)
-        dx, wkv_state, v_first = self.att(xa, att_shift, wkv_state, v_first, wkv)
+        dx, att_shift, wkv_state, v_first = self.att(*norm_input(self.ln1, x), att_shift, wkv_state, v_first, wkv)
         x = x + dx
-        xf = self.ln2(x)
-        x = x + self.ffn(xf, ffn_shift)
-        return x, (xa[:, -1], wkv_state, xf[:, -1]), v_first
+        dx, ffn_shift = self.ffn(*norm_input(self.ln2, x), ffn_shift)
+        return x + dx, (att_shift, wkv_state, ffn_shift), v_first
 
 
 class RWKV(nn.Module):

@@ -37,9 +37,12 @@ class TimeMixV5(GatedTimeMix):
         fill_(self.time_faaaa, bonus_init(A, r01))
         self._init_projections()
 
-    def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first, wkv) -> tuple[Tensor, Tensor, None]:
+    def forward(self, x: Tensor, norm, shift: Tensor, wkv_state: Tensor, v_first, wkv
+                ) -> tuple[Tensor, Tensor, Tensor, None]:
+        """As TimeMixV7.forward (x normalised by `norm` when given); v_first is unused (None)."""
         run = fused.runner(self.fuse, x)
         mixes = (self.time_mix_r, self.time_mix_k, self.time_mix_v, self.time_mix_g)
-        r, k, v, g = self._rkvg(*run(fused.v5_shift_mix, x, shift, mixes, fused.matmul_dtype(x)))
+        *mixed, shift_out = run(fused.v5_shift_mix, x, norm, shift, mixes, fused.matmul_dtype(x))
+        r, k, v, g = self._rkvg(*mixed)
         y, wkv_state = wkv(self._heads(r), self.time_decay, self._heads(k), self._heads(v), self.time_faaaa, wkv_state)
-        return self._out(run, y, g), wkv_state, None
+        return self._out(run, y, g), shift_out, wkv_state, None

@@ -49,12 +49,14 @@ class TimeMixV6(GatedTimeMix):
         fill_(self.time_faaaa, bonus_init(A, r01))
         self._init_projections()
 
-    def forward(self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first, wkv) -> tuple[Tensor, Tensor, None]:
+    def forward(self, x: Tensor, norm, shift: Tensor, wkv_state: Tensor, v_first, wkv
+                ) -> tuple[Tensor, Tensor, Tensor, None]:
+        """As TimeMixV7.forward (x normalised by `norm` when given); v_first is unused (None)."""
         run = fused.runner(self.fuse, x)
         maas = (self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r, self.time_maa_g)
         decay = (self.time_decay, self.time_decay_w1, self.time_decay_w2)
-        w, xk, xv, xr, xg = run(fused.v6_shift_mix, x, shift, self.time_maa_x, self.time_maa_w1, self.time_maa_w2,
-                                maas, decay, fused.matmul_dtype(x))
+        w, xk, xv, xr, xg, shift_out = run(fused.v6_shift_mix, x, norm, shift, self.time_maa_x, self.time_maa_w1,
+                                           self.time_maa_w2, maas, decay, fused.matmul_dtype(x))
         r, k, v, g = self._rkvg(xr, xk, xv, xg)
         y, wkv_state = wkv(self._heads(r), self._heads(w), self._heads(k), self._heads(v), self.time_faaaa, wkv_state)
-        return self._out(run, y, g), wkv_state, None
+        return self._out(run, y, g), shift_out, wkv_state, None

@@ -70,16 +70,17 @@ class TimeMixV7(nn.Module):
         self.ln_x.bias.zero_()
 
     def forward(
-        self, x: Tensor, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None, wkv
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """x = ln1 output [B,T,C]; shift [B,C]; wkv_state [B,H,N,N]. Returns (out, new wkv state, v_first).
-        The elementwise parts run as infctx.model.fused regions (compiled per cfg.fuse); the WKV op between them."""
+        self, x: Tensor, norm: fused.Norm | None, shift: Tensor, wkv_state: Tensor, v_first: Tensor | None, wkv
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x [B,T,C]: ln1's input when `norm` (ln1's weight, bias, eps) is given, else ln1's output; shift [B,C];
+        wkv_state [B,H,N,N]. Returns (out, the shift row to carry, new wkv state, v_first). The elementwise parts
+        run as infctx.model.fused regions (compiled per cfg.fuse); the WKV op between them."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         run, dt = fused.runner(self.fuse, x), fused.matmul_dtype(x)
         mixes = (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
-        xr, xw, xk, xv, xa, xg = run(fused.v7_shift_mix, x, shift, mixes, dt)
+        xr, xw, xk, xv, xa, xg, shift_out = run(fused.v7_shift_mix, x, norm, shift, mixes, dt)
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
@@ -91,4 +92,4 @@ class TimeMixV7(nn.Module):
                             (self.g1, self.g2), self.k_k, self.k_a, H, dt)
         y, wkv_state = wkv(heads(r), heads(w), heads(k), heads(v), a, b, wkv_state)
         y = run(fused.v7_out, y, r, k, v, g, self.r_k, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, dt)
-        return self.output(y), wkv_state, v_first
+        return self.output(y), shift_out, wkv_state, v_first
