@@ -597,7 +597,7 @@ void wkv7_forward_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k
   chunked_launch<false>(r, w, k, v, a, b, r, s0, y, sT, ckpt, sa, packet);
 }
 
-// WIP: the state-gradient pass in the same form: from dsT, the state gradient at every chunk's end (dckpt), the
+// The state-gradient pass in the same form: from dsT, the state gradient at every chunk's end (dckpt), the
 // rows of G = d sa (g, fp32 [B,T,H,N]) and ds0.
 void wkv7_backward_state_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
                                       torch::Tensor a, torch::Tensor b, torch::Tensor dy, torch::Tensor dsT,
@@ -605,7 +605,7 @@ void wkv7_backward_state_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::T
   chunked_launch<true>(r, w, k, v, a, b, dy, dsT, r, ds0, dckpt, g, packet);
 }
 
-// WIP: every chunk's input gradients at once (wkv7_chunked.cuh grad_kernel, head size 64), from the forward's
+// Every chunk's input gradients at once (wkv7_chunked.cuh grad_kernel, head size 64), from the forward's
 // checkpoints and sa and the state-gradient pass's checkpoints and G.
 void wkv7_backward_grads_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
                                       torch::Tensor a, torch::Tensor b, torch::Tensor dy, torch::Tensor s0,

@@ -129,9 +129,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_chunked", &forward_chunked, "wkv7 forward on tensor cores, chunk terms at once then a pass over "
         "chunks: the outputs of forward; packet: fp32 workspace of packet_floats per chunk");
   m.def("packet_floats", &wkv7_packet_floats);
-  m.def("backward_grads_chunked", &backward_grads_chunked, "WIP wkv7 input gradients of every chunk at once on "
+  m.def("backward_grads_chunked", &backward_grads_chunked, "wkv7 input gradients of every chunk at once on "
         "tensor cores, from both passes' checkpoints, sa and d sa (head size 64)");
-  m.def("backward_state_chunked", &backward_state_chunked, "WIP wkv7 state-gradient pass on tensor cores: from dy "
+  m.def("backward_state_chunked", &backward_state_chunked, "wkv7 state-gradient pass on tensor cores: from dy "
         "and dsT, the state gradient at every chunk end, d sa_t per token (fp32), ds0");
   m.def("backward", &backward, "wkv7 backward: fills every input gradient and ds0 from dy and dsT");
   m.def("transfer", &transfer, "wkv7 span transfer: per batch row, own state u, transition p and q = P r (fp32)");

@@ -1,4 +1,4 @@
-"""The math of the chunked state-gradient pass (WIP tensor-core kernels, cuda/wkv7_chunked.cuh: prep_kernel<F, true>
+"""The math of the chunked state-gradient pass (the tensor-core kernels of cuda/wkv7_chunked.cuh: prep_kernel<F, true>
 and state_kernel<F, true>), in float64 against autograd of the per-token oracle `wkv7_naive`.
 
 Per chunk of 16 tokens (c = cumulative log decay, r_in = r e^c, a_ex = a e^{c - lw}, b_src = b e^-c, b_end = b

@@ -113,7 +113,7 @@ def _backward7(ext, seq: list[Tensor], dy: Tensor | None, dsT: Tensor | None, ck
 
 def _backward7_chunked(ext, seq: list[Tensor], dy: Tensor | None, dsT: Tensor | None, s0: Tensor, ckpt: Tensor,
                        sa: Tensor) -> tuple[list[Tensor], Tensor]:
-    """WIP: the chunked tensor-core backward (head size 64): the state-gradient pass over chunks in reverse, then
+    """The chunked tensor-core backward (head size 64): the state-gradient pass over chunks in reverse, then
     every chunk's input gradients at once. Same results as `_backward7`."""
     r = seq[0]
     B, T, H, N = r.shape
@@ -262,8 +262,9 @@ def wkv7_cuda(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, 
     of 64 that divides T); `forward` = the forward kernel: "sequential" (per token; `split` and `groups` tune it)
     or "chunked" (chunks of 16 on tensor cores with fp32-grade products, cuda/wkv7_chunked.cuh; same outputs, both
     feed the same backward; slower than "sequential" on every shape measured so far, see
-    bench/results/kernels-notes.md). WIP: `backward="chunked"` runs the chunked tensor-core backward (head size
-    64; the whole T in one pass, no span path)."""
+    bench/results/kernels-notes.md); `backward` = the backward kernel: "sequential" (backsteps within 16-token
+    chunks from the forward's checkpoints) or "chunked" (tensor cores, head size 64, after either forward; the
+    whole T in one pass, no span path; slower than "sequential" on every shape measured so far)."""
     validate_inputs(7, dict(r=r, w=w, k=k, v=v, a=a, b=b), {}, s0)
     return _wkv7(r, w, k, v, a, b, s0, split, span, groups, forward, backward)
 

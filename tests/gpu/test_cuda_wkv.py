@@ -267,7 +267,7 @@ def test_wkv7_chunked_forward_equals_sequential_forward():
 @pytest.mark.parametrize("shape", [(2, 37, 3), (3, 1, 2), (1, 64, 2), (2, 19, 40), (2, 1000, 4)],
                          ids=lambda s: "B{}T{}H{}".format(*s))
 def test_wkv7_chunked_backward(shape, dtype, forward):
-    """WIP: the chunked tensor-core backward (head size 64), after either forward, against float64."""
+    """The chunked tensor-core backward (head size 64), after either forward, against float64."""
     check_against_reference(7, *shape, N=64, dtype=dtype, knob={"forward": forward, "backward": "chunked"})
 
 
@@ -279,7 +279,7 @@ def test_wkv7_chunked_backward_long_sequence_no_drift():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_wkv7_chunked_state_gradient_pass(dtype):
-    """WIP: the chunked state-gradient pass (tensor cores) gives ds0 for a random dy and dsT against float64."""
+    """The chunked state-gradient pass (tensor cores) gives ds0 for a random dy and dsT against float64."""
     from infctx.ops.cuda_build import load_extension
 
     B, T, H, N = 2, 45, 3, 64
