@@ -219,6 +219,10 @@ def test_wkv7_span_choice(monkeypatch):
     picked.clear()
     cuda_wkv._wkv7(*[few] * 6, None, 0, None, 0, "sequential", "chunked")
     assert picked == [("sequential", 0)]  # the chunked backward runs the whole T: no span path
+    for x, span in ((few, 1024), (torch.zeros(1, 64, 2, 128), None)):  # an explicit span; head size 128
+        with pytest.raises(ValueError) as err:
+            cuda_wkv._wkv7(*[x] * 6, None, 0, span, 0, "sequential", "chunked")
+        assert "backward='chunked' runs head size 64 over the whole T" in one_line(err)
     for groups in (3, 8, -1):
         with pytest.raises(ValueError) as err:
             cuda_wkv._wkv7(*[many] * 6, None, 0, None, groups)

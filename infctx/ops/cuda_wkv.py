@@ -274,6 +274,9 @@ def _wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: 
           backward: str = "sequential") -> tuple[Tensor, Tensor]:
     """The span path or the sequential kernels over the whole T, by `span` (see wkv7_cuda)."""
     B, T, H, N = r.shape
+    if backward == "chunked" and (N != 64 or span):
+        raise ValueError(f"wkv7 cuda: backward='chunked' runs head size 64 over the whole T (got head size {N}, "
+                         f"span={span}); use backward='sequential', or span=0 or None")
     span = auto_span(B, T, H) if span is None else span
     if span < 0 or span % 64 or (span and T % span):
         raise ValueError(f"wkv7 cuda: span={span} must be 0 (off) or a multiple of 64 that divides T={T}")
