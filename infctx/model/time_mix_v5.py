@@ -37,7 +37,7 @@ class TimeMixV5(GatedTimeMix):
         fill_(self.time_faaaa, bonus_init(A, r01))
         self._init_projections()
 
-    def forward(self, x: Tensor, norm, shift: Tensor, wkv_state: Tensor, v_first, wkv
+    def forward(self, x: Tensor, norm: fused.Norm | None, shift: Tensor, wkv_state: Tensor, v_first, wkv
                 ) -> tuple[Tensor, Tensor, Tensor, None]:
         """As TimeMixV7.forward (x normalised by `norm` when given); v_first is unused (None)."""
         run = fused.runner(self.fuse, x)
