@@ -277,7 +277,8 @@ def _wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: 
     if backward == "chunked" and (N != 64 or span):
         raise ValueError(f"wkv7 cuda: backward='chunked' runs head size 64 over the whole T (got head size {N}, "
                          f"span={span}); use backward='sequential', or span=0 or None")
-    span = auto_span(B, T, H) if span is None else span
+    if span is None:  # the chunked backward has no span path
+        span = 0 if backward == "chunked" else auto_span(B, T, H)
     if span < 0 or span % 64 or (span and T % span):
         raise ValueError(f"wkv7 cuda: span={span} must be 0 (off) or a multiple of 64 that divides T={T}")
     if groups not in (0, *forward_groups(N)):
@@ -286,8 +287,6 @@ def _wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, s0: 
     for name, kernel in (("forward", forward), ("backward", backward)):
         if kernel not in ("sequential", "chunked"):
             raise ValueError(f"wkv7 cuda: {name}={kernel!r} must be 'sequential' or 'chunked'")
-    if backward == "chunked":
-        span = 0
     seq = [_aligned(x) for x in (r, *_like_r(r, w, k, v, a, b))]
     if span:
         return _WKV7Spans.apply(*seq, s0, split, groups, forward, span)
