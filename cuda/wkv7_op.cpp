@@ -55,14 +55,19 @@ static void forward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Te
   wkv7_forward_cuda(r, w, k, v, a, b, s0, y, sT, ckpt, sa, split, groups);
 }
 
+// The chunked kernels' fp32 workspace: packet_floats per chunk of every (b, h).
+static void check_packet(const torch::Tensor& r, const torch::Tensor& packet) {
+  const wkv::Sizes n(r);
+  wkv::check_f32_numel({packet}, n.B * n.H * n.nc * wkv7_packet_floats(),
+                       "the packet workspace [B*H*ceil(T/16), packet_floats]");
+}
+
 static void forward_chunked(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
                             torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt,
                             torch::Tensor sa, torch::Tensor packet) {
   wkv::check_seq(r, {r, w, k, v, a, b, y}, WKV_N);
   check_buffers(r, {s0, sT}, ckpt, sa);
-  const wkv::Sizes n(r);
-  wkv::check_f32_numel({packet}, n.B * n.H * n.nc * wkv7_packet_floats(),
-                       "the packet workspace [B*H*ceil(T/16), packet_floats]");
+  check_packet(r, packet);
   wkv7_forward_chunked_cuda(r, w, k, v, a, b, s0, y, sT, ckpt, sa, packet);
 }
 
@@ -71,8 +76,7 @@ static void backward_state_chunked(torch::Tensor r, torch::Tensor w, torch::Tens
                                    torch::Tensor dckpt, torch::Tensor g, torch::Tensor ds0, torch::Tensor packet) {
   wkv::check_seq(r, {r, w, k, v, a, b, dy}, WKV_N);
   check_buffers(r, {dsT, ds0}, dckpt, g);
-  wkv::check_f32_numel({packet}, wkv::Sizes(r).ckpt() / (WKV_N * WKV_N) * wkv7_packet_floats(),
-                       "the packet workspace [B*H*ceil(T/16), packet_floats]");
+  check_packet(r, packet);
   wkv7_backward_state_chunked_cuda(r, w, k, v, a, b, dy, dsT, dckpt, g, ds0, packet);
 }
 
