@@ -5,7 +5,8 @@ of issue 3. RWKV-7 is compared with fla `chunk_rwkv7` (w passed as log-decay), R
 `chunk_rwkv6` (RWKV-5's constant decay expanded over time); wkv5/6 time both our kernels, the chunk-parallel
 default (`ours`) and the sequential one (`ours-seq`); wkv7 times the default (`ours`) and one pass over the whole
 T (`ours-seq`), and with --sweep also the chunked tensor-core forward (`ours-chunked`, and with the span path where it
-applies: `ours-chunked-spans`). Writes bench/results/kernels.json and kernels.md.
+applies: `ours-chunked-spans`) and backward (`ours-chunked-bwd`; both chunked: `ours-chunked-both`). Writes
+bench/results/kernels.json and kernels.md.
 Timing: CUDA events around fwd+bwd, median of `reps` after `warmup` runs; peak memory is the allocator's peak
 during one fwd+bwd above what the inputs already hold.
 """
@@ -40,7 +41,7 @@ class BenchConfig:
     warmup: int = 3
     reps: int = 10
     with_fla: bool = True
-    sweep: bool = False  # also each forced tiling (wkv7: split, wkv5/6: rows per block) and wkv7's chunked forward
+    sweep: bool = False  # also each forced tiling (wkv7: split, wkv5/6: rows per block) and wkv7's chunked kernels
     profile: bool = False  # also record the GPU time per kernel of each of our variants (torch profiler)
 
 
@@ -70,8 +71,8 @@ def ours(version: int, tiling: int = 0, kernel: str = "chunked", span: int | Non
          forward: str = "sequential", backward: str = "sequential") -> Callable:
     """Our kernel; tiling != 0 forces the tuning knob (wkv7: threads per state row, wkv5/6: rows per block of
     the sequential kernel); `kernel` picks wkv5/6's chunk-parallel or sequential kernel, `span` wkv7's span
-    length (None: auto, 0: the whole T in one pass), `groups` wkv7's forward blocks per head, `forward` wkv7's
-    forward and backward kernels (sequential, chunked)."""
+    length (None: auto, 0: the whole T in one pass), `groups` wkv7's forward blocks per head, `forward` and
+    `backward` wkv7's forward and backward kernels (sequential, chunked)."""
     from infctx import ops
 
     op = ops.get_wkv(version, "cuda")
@@ -205,7 +206,7 @@ def run(cfg: BenchConfig, on_update: Callable[[dict], None] = lambda res: None) 
             variants["ours-seq"] = functools.partial(ours, kernel="sequential")
         else:  # wkv7 without the span path, and (sweep) with each span length
             variants["ours-seq"] = functools.partial(ours, span=0)
-            if cfg.sweep:  # also the opt-in chunked tensor-core forward, whole T and with the span path
+            if cfg.sweep:  # also the opt-in chunked tensor-core kernels (forward also with the span path)
                 variants["ours-chunked"] = functools.partial(ours, span=0, forward="chunked")
                 variants["ours-chunked-spans"] = functools.partial(ours, forward="chunked")
                 variants["ours-chunked-bwd"] = functools.partial(ours, span=0, backward="chunked")
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=BenchConfig.reps)
     p.add_argument("--no-fla", action="store_true", help="skip the fla comparison")
     p.add_argument("--sweep", action="store_true",
-                   help="also time every tiling of our kernels and wkv7's chunked forward")
+                   help="also time every tiling of our kernels and wkv7's chunked forward and backward")
     p.add_argument("--profile", action="store_true", help="also record the GPU time per kernel of our variants")
     p.add_argument("--shapes", nargs="+", default=None, metavar="B,T,H", help="shapes to time (default: issue 3's)")
     args = p.parse_args(argv)
