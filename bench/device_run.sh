@@ -11,8 +11,8 @@
 #   bench-train   python3 -m infctx.bench.train, 0.1B, 4k..1M, full+truncated, within BENCH_TRAIN_BUDGET_S (270)
 #   ncu           Nsight Compute counters (occupancy, stalls, shared-memory wavefronts) of one wkv7 forward and
 #                 backward launch per shape in NCU_SHAPES (B,T,H ...; default 16,1024,32 4,4096,32), sequential
-#                 kernels (span 0; NCU_FORWARD / NCU_BACKWARD=chunked: the chunked ones), kernels matching NCU_KERNELS (regex,
-#                 default fwd_kernel|bwd_kernel)
+#                 kernels (span 0; NCU_FORWARD / NCU_BACKWARD=chunked: the chunked ones), kernels matching
+#                 NCU_KERNELS (regex, default fwd_kernel|bwd_kernel)
 # Env: OUT (files to bring back; default /tmp/device_run_out), BUDGET_S (570: whole script; a stage that no longer
 # fits is skipped, the last one's timeout is cut), PY (python3), TRAIN_ARGS (extra `infctx fit` overrides),
 # <STAGE>_S (a stage's time, e.g. TESTS_S=120, BENCH_TRAIN_S=300), CHECK_CORPUS_MB (64), SKIP_WHEELS=1 (don't pip install .whl/*.whl), KERNELS_VERBOSE=0 (no compiler output).
