@@ -18,6 +18,7 @@
 // index permuted the accumulator layout is also the A-operand layout, so S never goes through shared memory.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace wkv7tc {
 
@@ -73,6 +74,20 @@ __device__ __forceinline__ void mma3(float (&d)[4], const Split (&A)[4], float2 
   mma_tf32(d, A[0].hi, A[1].hi, A[2].hi, A[3].hi, B[0].hi, B[1].hi);
 }
 
+// The backward kernels take one tf32 product (the high parts) instead of three for bf16 inputs: nothing backsteps
+// from their outputs, and with tf32 products throughout the chunked forward and backward the precision study gives
+// 7.2e-4 worst at T = 16384 (bench/results/wkv7-mma-precision/), inside bf16's 5e-3. fp32 inputs (1e-5) and the
+// forward (the sequential backward backsteps from it) keep three.
+template <typename F, bool kBackward>
+constexpr bool kExact = !kBackward || std::is_same_v<F, float>;
+template <bool kThree>
+__device__ __forceinline__ void mma(float (&d)[4], const Split (&A)[4], float2 b) {
+  if constexpr (kThree)
+    mma3(d, A, b);
+  else
+    mma_tf32(d, A[0].hi, A[1].hi, A[2].hi, A[3].hi, to_tf32(b.x), to_tf32(b.y));
+}
+
 // Fragment indices (PTX m16n8k8 tf32): lane = 4g + q. A (16x8): a0 (g, q), a1 (g+8, q), a2 (g, q+4), a3 (g+8, q+4);
 // B (8x8): b0 (q, g), b1 (q+4, g); C (16x8): c0 (g, 2q), c1 (g, 2q+1), c2 (g+8, 2q), c3 (g+8, 2q+1). Reduction index
 // k = q stands for 2q and k = q+4 for 2q+1 of each group of 8: a C fragment is then an A fragment (a0..a3 = c0, c2,
@@ -115,6 +130,7 @@ __device__ __forceinline__ void store_c_transposed(float* part, int n0, const fl
 }
 
 // The backward prep's products: Pb^T dy (shared), W = (I - Mb)^-T b_end and Z = (I - Mb)^-T (Pb^T dy) (packet)
+template <bool kThree>
 __device__ __forceinline__ void chunk_backward_tail(float* out, const float* Ainv, const float* Pb, const float* DY,
                                                     const float* B_end, float* PbT_dy, int g, int q) {
   constexpr int N = WKV_N, ld = WKV_N + 8, lp = CK + 8;
@@ -126,8 +142,8 @@ __device__ __forceinline__ void chunk_backward_tail(float* out, const float* Ain
     float dp[4] = {0.f, 0.f, 0.f, 0.f}, dw[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int kt = 0; kt < 2; ++kt) {
-      mma3(dp, Pt[kt], b_kn(DY, ld, 8 * kt, 8 * n, g, q));
-      mma3(dw, At[kt], b_kn(B_end, ld, 8 * kt, 8 * n, g, q));
+      mma<kThree>(dp, Pt[kt], b_kn(DY, ld, 8 * kt, 8 * n, g, q));
+      mma<kThree>(dw, At[kt], b_kn(B_end, ld, 8 * kt, 8 * n, g, q));
     }
     store_c(PbT_dy, ld, 8 * n, dp, g, q);
     store_c(out + kW * kPartFloats, N, 8 * n, dw, g, q);
@@ -137,7 +153,7 @@ __device__ __forceinline__ void chunk_backward_tail(float* out, const float* Ain
   for (int n = 0; n < N / 8; ++n) {
     float dz[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int kt = 0; kt < 2; ++kt) mma3(dz, At[kt], b_kn(PbT_dy, ld, 8 * kt, 8 * n, g, q));
+    for (int kt = 0; kt < 2; ++kt) mma<kThree>(dz, At[kt], b_kn(PbT_dy, ld, 8 * kt, 8 * n, g, q));
     store_c_transposed(out + kZT * kPartFloats, 8 * n, dz, g, q);
   }
 }
@@ -158,6 +174,7 @@ __global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scal
     const F* __restrict__ w, const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a,
     const F* __restrict__ b, const F* __restrict__ dy, float* __restrict__ packet) {
   constexpr int N = WKV_N, E = N / 32, ld = PrepSmem::kLd, lp = PrepSmem::kLdPair;
+  constexpr bool kThree = kExact<F, kBackward>;
   extern __shared__ __align__(16) float sm[];
   float *a_ex = sm + PrepSmem::kAex * PrepSmem::kArray, *r_in = sm + PrepSmem::kRin * PrepSmem::kArray;
   float *b_src = sm + PrepSmem::kBsrc * PrepSmem::kArray, *k_src = sm + PrepSmem::kKsrc * PrepSmem::kArray;
@@ -227,7 +244,7 @@ __global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scal
       for (int kt = 0; kt < N / 8; ++kt) {
         Split A[4];
         load_a(A, lhs, ld, 8 * kt, g, q);
-        mma3(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
+        mma<kThree>(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
       }
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
@@ -252,7 +269,7 @@ __global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scal
   }
   __syncwarp();
   if constexpr (kBackward) {
-    chunk_backward_tail(out, Ainv, Pb, DY, B_end, PbT_dy, g, q);
+    chunk_backward_tail<kExact<F, true>>(out, Ainv, Pb, DY, B_end, PbT_dy, g, q);
     return;
   }
   Split Ai[2][4], Ab[2][4];  // Ainv and Pb as A operands, both 16 x 16
@@ -320,6 +337,7 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
     const float* __restrict__ s0, F* __restrict__ y, float* __restrict__ sT, float* __restrict__ ckpt,
     float* __restrict__ sa) {
   constexpr int N = WKV_N, NT = N / 8;  // NT column tiles of 8 keys
+  constexpr bool kThree = kExact<F, kBackward>;
   extern __shared__ __align__(16) float sm[];
   const int bh = blockIdx.x, bb = bh / H, h = bh % H, nc = (T + CK - 1) / CK;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, i0 = kRowsPerWarp * warp;
@@ -369,8 +387,8 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         const int row = (8 * nt + g) * kLdRow + 8 * kt + 2 * q;
-        mma3(U[nt], A, *reinterpret_cast<const float2*>(Ws + row));
-        if constexpr (!kBackward) mma3(Y[nt], A, *reinterpret_cast<const float2*>(Rs + row));
+        mma<kThree>(U[nt], A, *reinterpret_cast<const float2*>(Ws + row));
+        if constexpr (!kBackward) mma<kThree>(Y[nt], A, *reinterpret_cast<const float2*>(Rs + row));
       }
     }
     const int64_t base = wkv::seq_off(bb, t0, h, T, H, N), token_stride = int64_t(H) * N;
@@ -403,8 +421,8 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         const int col = (8 * n + g) * kLdCol + t;
-        mma3(S[n], Au, *reinterpret_cast<const float2*>(PT + col));
-        mma3(S[n], Ax, *reinterpret_cast<const float2*>(QT + col));
+        mma<kThree>(S[n], Au, *reinterpret_cast<const float2*>(PT + col));
+        mma<kThree>(S[n], Ax, *reinterpret_cast<const float2*>(QT + col));
       }
     }
     if constexpr (!kBackward) store_rows(cp, S, i0, g, q);
@@ -438,6 +456,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
     F* __restrict__ db) {
   using S = GradSmem;
   constexpr int N = WKV_N, ld = S::kLd, lp = S::kLp;
+  constexpr bool kThree = kExact<F, true>;
   extern __shared__ __align__(16) float sm[];
   auto arr = [&](S::Array x) { return sm + x * S::kArray; };
   auto pr = [&](S::Pair x) { return sm + S::kPair + x * CK * lp; };
@@ -494,7 +513,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
     for (int kt = 0; kt < N / 8; ++kt) {
       Split A[4];
       load_a(A, lhs, ld, 8 * kt, g, q);
-      mma3(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
+      mma<kThree>(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
     }
     const bool strict = m == S::kMk || m == S::kdMb || m == S::kdMk;  // the M's: below the diagonal
 #pragma unroll
@@ -520,7 +539,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
         load_a_t(A, P, lp, 8 * kt, g, q);
       else
         load_a(A, P, lp, 8 * kt, g, q);
-      mma3(d, A, b_kn(Bm, ld, 8 * kt, n0 + 8 * nt, g, q));
+      mma<kThree>(d, A, b_kn(Bm, ld, 8 * kt, n0 + 8 * nt, g, q));
     }
   };
 #pragma unroll
@@ -530,11 +549,11 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
     load_a(Au, U, ld, 8 * kt, g, q), load_a(Av, V, ld, 8 * kt, g, q);
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      mma3(out[S::oDv][nt], Ak, b_nt(dS, ld, 8 * kt, n0 + 8 * nt, g, q));    // k_end dS^T
-      mma3(out[S::oRin][nt], Ad, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // dy S0
-      mma3(out[S::oAex][nt], Ag, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // G S0
-      mma3(out[S::oBend][nt], Au, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // U dS
-      mma3(out[S::oKend][nt], Av, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // V dS
+      mma<kThree>(out[S::oDv][nt], Ak, b_nt(dS, ld, 8 * kt, n0 + 8 * nt, g, q));    // k_end dS^T
+      mma<kThree>(out[S::oRin][nt], Ad, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // dy S0
+      mma<kThree>(out[S::oAex][nt], Ag, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // G S0
+      mma<kThree>(out[S::oBend][nt], Au, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // U dS
+      mma<kThree>(out[S::oKend][nt], Av, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // V dS
     }
   }
 #pragma unroll
