@@ -436,16 +436,31 @@ __global__ void __launch_bounds__(kThreads) state_kernel(int T, int H, const flo
 // From the chunk's start state S0 (s0 or the forward's checkpoint c-1), the state gradient at its end dS (the
 // state-gradient pass's checkpoint c), U = sa and G = d sa. Block of kWarps warps per chunk; warp w computes the
 // output columns 16w..16w+15 of every 16 x N product, then thread j < N finishes column j (the log-decay sums).
+// Shared memory stays under 75 KB, so that three blocks share an SM: b_end and k_end are b_src and k_src scaled by
+// the column's e^{c_L} (applied where they are read); S0 and dS are read by the products over the state first,
+// then their space takes the pair matrices and, once the pair products are done, six of the seven outputs (dv goes
+// from the fragments straight to global memory).
 struct GradSmem {  // offsets in floats
   static constexpr int kLd = WKV_N + 8, kLp = CK + 8, kArray = CK * kLd, kMat = WKV_N * kLd;
-  enum Array { kRin, kAex, kBsrc, kKsrc, kBend, kKend, kV, kDy, kU, kG, kArrays };
+  enum Array { kRin, kAex, kBsrc, kKsrc, kV, kDy, kU, kG, kArrays };
   enum Pair { kMk, kPk, kdMb, kdMk, kdPb, kdPk, kPairs };
-  enum Out { oDv, oRin, oAex, oBsrc, oKsrc, oBend, oKend, kOuts };  // over S0 and dS once those are read
-  static constexpr int kS0 = kArrays * kArray, kdS = kS0 + kMat, kPair = kdS + kMat,
-                       kDtotal = kPair + kPairs * CK * kLp, kFloats = kDtotal + WKV_N;
-  static_assert(kOuts * kArray <= 2 * kMat, "the outputs must fit where S0 and dS were");
+  enum Out { oRin, oAex, oBsrc, oKsrc, oBend, oKend, kStaged, oDv = kStaged, kOuts };  // staged: over S0 and dS
+  static constexpr int kS0 = kArrays * kArray, kdS = kS0 + kMat, kPair = kS0 + kStaged * kArray,
+                       kEnd = kS0 + 2 * kMat, kDtotal = kEnd + WKV_N, kFloats = kDtotal + WKV_N;
+  static_assert(kPair + kPairs * CK * kLp <= kEnd, "the pairs and the staged outputs must fit where S0 and dS were");
   static constexpr size_t kBytes = size_t(kFloats) * sizeof(float);
+  static_assert(WKV_N != 64 || kBytes + 1024 <= 228 * 1024 / 3,
+                "head size 64: three blocks per SM (sm_90: 228 KB, 1 KB reserved per block)");
 };
+
+// A (16 rows x 8 of the reduction) from column k0 of M, each reduction column j scaled by s[j]
+__device__ __forceinline__ void load_a_scaled(Split (&A)[4], const float* M, int ld, int k0, const float* s, int g,
+                                              int q) {
+  const float2 lo = *reinterpret_cast<const float2*>(M + g * ld + k0 + 2 * q);
+  const float2 hi = *reinterpret_cast<const float2*>(M + (g + 8) * ld + k0 + 2 * q);
+  const float2 sc = *reinterpret_cast<const float2*>(s + k0 + 2 * q);
+  A[0] = split(lo.x * sc.x), A[1] = split(hi.x * sc.x), A[2] = split(lo.y * sc.y), A[3] = split(hi.y * sc.y);
+}
 
 template <typename F>
 __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float decay_scale, const F* __restrict__ r,
@@ -462,12 +477,12 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
   auto pr = [&](S::Pair x) { return sm + S::kPair + x * CK * lp; };
   auto res = [&](S::Out x) { return sm + S::kS0 + x * S::kArray; };
   float *r_in = arr(S::kRin), *a_ex = arr(S::kAex), *b_src = arr(S::kBsrc), *k_src = arr(S::kKsrc);
-  float *b_end = arr(S::kBend), *k_end = arr(S::kKend), *V = arr(S::kV), *DY = arr(S::kDy), *U = arr(S::kU);
-  float *G = arr(S::kG), *S0 = sm + S::kS0, *dS = sm + S::kdS, *d_total = sm + S::kDtotal;
+  float *V = arr(S::kV), *DY = arr(S::kDy), *U = arr(S::kU), *G = arr(S::kG);
+  float *S0 = sm + S::kS0, *dS = sm + S::kdS, *e_end = sm + S::kEnd, *d_total = sm + S::kDtotal;
   const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
   const int bb = bh / H, h = bh % H, t0 = c * CK, L = min(CK, T - t0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, n0 = 16 * warp;
-  // 1. S0 and dS (float4 copies into padded rows), the chunk's scaled arrays (thread j: column j)
+  // 1. S0 and dS (float4 copies into padded rows), the chunk's scaled arrays and e^{c_L} (thread j: column j)
   const float* s0src = c == 0 ? s0 + int64_t(bh) * N * N : ckpt + (int64_t(bh) * nc + c - 1) * N * N;
   const float* dSsrc = dckpt + (int64_t(bh) * nc + c) * N * N;
   for (int x = threadIdx.x; x < N * N / 4; x += kThreads) {
@@ -484,6 +499,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
       lw[t] = t < L ? -decay_scale * sigmoid_f(wkv::to_f(w[o])) : 0.f;
       cL += lw[t];
     }
+    e_end[j] = expf(cL);
 #pragma unroll
     for (int t = 0; t < CK; ++t) {
       const bool in = t < L;
@@ -492,10 +508,9 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
       cum += lw[t];
       const float rt = in ? wkv::to_f(r[o]) : 0.f, kt = in ? wkv::to_f(k[o]) : 0.f;
       const float at = in ? wkv::to_f(a[o]) : 0.f, bt = in ? wkv::to_f(b[o]) : 0.f;
-      const float inv = expf(-cum), after = expf(cL - cum);
+      const float inv = expf(-cum);
       const int e = t * ld + j;
       r_in[e] = rt * expf(cum), a_ex[e] = at * expf(before), b_src[e] = bt * inv, k_src[e] = kt * inv;
-      b_end[e] = bt * after, k_end[e] = kt * after;
       V[e] = in ? wkv::to_f(v[o]) : 0.f;
       DY[e] = in ? wkv::to_f(dy[o]) : 0.f;
       U[e] = in ? sa[o] : 0.f;
@@ -503,7 +518,31 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
     }
   }
   __syncthreads();
-  // 2. the pair matrices (12 tiles of 16 x 8 over the warps) and d total_j = sum_i S0_ij dS_ij
+  // 2. this warp's 16 columns of the products over the state (K = N; two tiles of 8 each), d total_j =
+  // sum_i S0_ij dS_ij
+  float out[S::kOuts][2][4] = {};
+#pragma unroll
+  for (int kt = 0; kt < N / 8; ++kt) {
+    Split Ak[4], Ad[4], Ag[4], Au[4], Av[4];
+    load_a_scaled(Ak, k_src, ld, 8 * kt, e_end, g, q);  // k_end
+    load_a(Ad, DY, ld, 8 * kt, g, q), load_a(Ag, G, ld, 8 * kt, g, q);
+    load_a(Au, U, ld, 8 * kt, g, q), load_a(Av, V, ld, 8 * kt, g, q);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      mma<kThree>(out[S::oDv][nt], Ak, b_nt(dS, ld, 8 * kt, n0 + 8 * nt, g, q));    // k_end dS^T
+      mma<kThree>(out[S::oRin][nt], Ad, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // dy S0
+      mma<kThree>(out[S::oAex][nt], Ag, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // G S0
+      mma<kThree>(out[S::oBend][nt], Au, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // U dS
+      mma<kThree>(out[S::oKend][nt], Av, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // V dS
+    }
+  }
+  if (threadIdx.x < N) {
+    float acc = 0.f;
+    for (int i = 0; i < N; ++i) acc += S0[i * ld + threadIdx.x] * dS[i * ld + threadIdx.x];
+    d_total[threadIdx.x] = acc;
+  }
+  __syncthreads();  // S0 and dS are read: the pairs go over them
+  // 3. the pair matrices (12 tiles of 16 x 8 over the warps)
   for (int tile = warp; tile < 2 * S::kPairs; tile += kWarps) {
     const int m = tile / 2, nt = tile % 2;
     const float* lhs = m == S::kMk ? a_ex : m == S::kPk ? r_in : (m == S::kdMb || m == S::kdMk) ? G : DY;
@@ -523,14 +562,8 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
     }
     store_c(pr(S::Pair(m)), lp, 8 * nt, d, g, q);
   }
-  if (threadIdx.x < N) {
-    float acc = 0.f;
-    for (int i = 0; i < N; ++i) acc += S0[i * ld + threadIdx.x] * dS[i * ld + threadIdx.x];
-    d_total[threadIdx.x] = acc;
-  }
   __syncthreads();
-  // 3. this warp's 16 columns of the seven 16 x N gradients (two tiles of 8 each)
-  float out[S::kOuts][2][4] = {};
+  // 4. the 16 x 16 pair products (K = 16); then dv to global memory and the other six outputs to shared memory
   auto small = [&](float (&d)[4], const float* P, bool transposed, const float* Bm, int nt) {  // P (16x16) B
 #pragma unroll
     for (int kt = 0; kt < 2; ++kt) {
@@ -543,36 +576,28 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
     }
   };
 #pragma unroll
-  for (int kt = 0; kt < N / 8; ++kt) {  // the products over the state: K = N
-    Split Ak[4], Ad[4], Ag[4], Au[4], Av[4];
-    load_a(Ak, k_end, ld, 8 * kt, g, q), load_a(Ad, DY, ld, 8 * kt, g, q), load_a(Ag, G, ld, 8 * kt, g, q);
-    load_a(Au, U, ld, 8 * kt, g, q), load_a(Av, V, ld, 8 * kt, g, q);
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      mma<kThree>(out[S::oDv][nt], Ak, b_nt(dS, ld, 8 * kt, n0 + 8 * nt, g, q));    // k_end dS^T
-      mma<kThree>(out[S::oRin][nt], Ad, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // dy S0
-      mma<kThree>(out[S::oAex][nt], Ag, b_kn(S0, ld, 8 * kt, n0 + 8 * nt, g, q));   // G S0
-      mma<kThree>(out[S::oBend][nt], Au, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // U dS
-      mma<kThree>(out[S::oKend][nt], Av, b_kn(dS, ld, 8 * kt, n0 + 8 * nt, g, q));  // V dS
-    }
-  }
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {  // the 16 x 16 pair products: K = 16
+  for (int nt = 0; nt < 2; ++nt) {
     small(out[S::oDv][nt], pr(S::kPk), true, DY, nt), small(out[S::oDv][nt], pr(S::kMk), true, G, nt);
     small(out[S::oRin][nt], pr(S::kdPb), false, b_src, nt), small(out[S::oRin][nt], pr(S::kdPk), false, k_src, nt);
     small(out[S::oAex][nt], pr(S::kdMb), false, b_src, nt), small(out[S::oAex][nt], pr(S::kdMk), false, k_src, nt);
     small(out[S::oBsrc][nt], pr(S::kdMb), true, a_ex, nt), small(out[S::oBsrc][nt], pr(S::kdPb), true, r_in, nt);
     small(out[S::oKsrc][nt], pr(S::kdMk), true, a_ex, nt), small(out[S::oKsrc][nt], pr(S::kdPk), true, r_in, nt);
   }
-  __syncthreads();  // S0 and dS are read: the outputs go there
 #pragma unroll
-  for (int o = 0; o < S::kOuts; ++o)
+  for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) store_c(res(S::Out(o)), ld, n0 + 8 * nt, out[o][nt], g, q);
+    for (int x = 0; x < 4; ++x) {  // C fragment element x: token g + 8 (x / 2), column n0 + 8 nt + 2q + x % 2
+      const int t = g + 8 * (x >> 1);
+      const int64_t o = wkv::seq_off(bb, t0 + t, h, T, H, N) + n0 + 8 * nt + 2 * q + (x & 1);
+      if (t < L) dv[o] = wkv::from_f<F>(out[S::oDv][nt][x]);
+    }
+#pragma unroll
+    for (int o = 0; o < S::kStaged; ++o) store_c(res(S::Out(o)), ld, n0 + 8 * nt, out[o][nt], g, q);
+  }
   __syncthreads();
-  if (threadIdx.x < N) {  // 4. column j: the log-decay gradient by reverse sums, then every input gradient
+  if (threadIdx.x < N) {  // 5. column j: the log-decay gradient by reverse sums, then every input gradient
     const int j = threadIdx.x;
-    const float *Dv = res(S::oDv), *d_rin = res(S::oRin), *d_aex = res(S::oAex), *d_bsrc = res(S::oBsrc);
+    const float *d_rin = res(S::oRin), *d_aex = res(S::oAex), *d_bsrc = res(S::oBsrc);
     const float *d_ksrc = res(S::oKsrc), *d_bend = res(S::oBend), *d_kend = res(S::oKend);
     float lw[CK], wv[CK], cL = 0.f;
 #pragma unroll
@@ -582,18 +607,17 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
       lw[t] = t < L ? -decay_scale * sigmoid_f(wv[t]) : 0.f;
       cL += lw[t];
     }
-    float dcL = expf(cL) * d_total[j];
+    const float eL = e_end[j];
+    // b_end d_bend + k_end d_kend at token t (b_end = b_src e^{c_L}, k_end = k_src e^{c_L})
+    auto ends = [&](int e) { return eL * (b_src[e] * d_bend[e] + k_src[e] * d_kend[e]); };
+    float dcL = eL * d_total[j];
 #pragma unroll
-    for (int t = 0; t < CK; ++t) {
-      const int e = t * ld + j;
-      dcL += b_end[e] * d_bend[e] + k_end[e] * d_kend[e];
-    }
+    for (int t = 0; t < CK; ++t) dcL += ends(t * ld + j);
     float cum_after = cL, rev_dc = 0.f, rev_dcb = 0.f;  // cum_after: c_t walking back; sums over t' >= t, t' > t
 #pragma unroll
     for (int t = CK - 1; t >= 0; --t) {
       const int e = t * ld + j;
-      const float ends = b_end[e] * d_bend[e] + k_end[e] * d_kend[e];
-      rev_dc += r_in[e] * d_rin[e] - b_src[e] * d_bsrc[e] - k_src[e] * d_ksrc[e] - ends;
+      rev_dc += r_in[e] * d_rin[e] - b_src[e] * d_bsrc[e] - k_src[e] * d_ksrc[e] - ends(e);
       const float dlw = rev_dc + rev_dcb + dcL;
       rev_dcb += a_ex[e] * d_aex[e];
       const float ct = cum_after;  // c_t
@@ -603,7 +627,6 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
         const float E = expf(ct), after = expf(cL - ct);
         dr[o] = wkv::from_f<F>(d_rin[e] * E);
         dk[o] = wkv::from_f<F>(d_ksrc[e] / E + d_kend[e] * after);
-        dv[o] = wkv::from_f<F>(Dv[e]);
         da[o] = wkv::from_f<F>(d_aex[e] * expf(cum_after));
         db[o] = wkv::from_f<F>(d_bsrc[e] / E + d_bend[e] * after);
         dw[o] = wkv::from_f<F>(-dlw * decay_scale * sigmoid_f(wv[t]) * sigmoid_f(-wv[t]));
