@@ -482,7 +482,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
   const int nc = (T + CK - 1) / CK, chunk = blockIdx.x, bh = chunk / nc, c = chunk % nc;
   const int bb = bh / H, h = bh % H, t0 = c * CK, L = min(CK, T - t0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4, n0 = 16 * warp;
-  // 1. S0 and dS (float4 copies into padded rows), the chunk's scaled arrays and e^{c_L} (thread j: column j)
+  // 1. S0 and dS (float4 copies into padded rows), the chunk's scaled arrays and e^{c_L} (two threads per column)
   const float* s0src = c == 0 ? s0 + int64_t(bh) * N * N : ckpt + (int64_t(bh) * nc + c - 1) * N * N;
   const float* dSsrc = dckpt + (int64_t(bh) * nc + c) * N * N;
   for (int x = threadIdx.x; x < N * N / 4; x += kThreads) {
@@ -490,27 +490,38 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
     *reinterpret_cast<float4*>(S0 + i * ld + j) = reinterpret_cast<const float4*>(s0src)[x];
     *reinterpret_cast<float4*>(dS + i * ld + j) = reinterpret_cast<const float4*>(dSsrc)[x];
   }
-  if (threadIdx.x < N) {
-    const int j = threadIdx.x;
-    float lw[CK], cL = 0.f, cum = 0.f;
+  static_assert(kThreads == 2 * N, "stages 1 and 5 give each column two threads");
+  const int j = threadIdx.x % N;
+  // the chunk's log decays through token t for column j (c_t = cum[t], c_L = cL); past L they add nothing
+  auto log_decays = [&](float (&cum)[CK], float (&wv)[CK], float& cL) {
+    cL = 0.f;
 #pragma unroll
     for (int t = 0; t < CK; ++t) {
-      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
-      lw[t] = t < L ? -decay_scale * sigmoid_f(wkv::to_f(w[o])) : 0.f;
-      cL += lw[t];
+      wv[t] = wkv::to_f(w[wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j]);
+      cL += t < L ? -decay_scale * sigmoid_f(wv[t]) : 0.f;
+      cum[t] = cL;
     }
+  };
+  if (threadIdx.x < N) {  // column j's decayed arrays and e^{c_L}
+    float cum[CK], wv[CK], cL;
+    log_decays(cum, wv, cL);
     e_end[j] = expf(cL);
 #pragma unroll
     for (int t = 0; t < CK; ++t) {
       const bool in = t < L;
       const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
-      const float before = cum;
-      cum += lw[t];
       const float rt = in ? wkv::to_f(r[o]) : 0.f, kt = in ? wkv::to_f(k[o]) : 0.f;
       const float at = in ? wkv::to_f(a[o]) : 0.f, bt = in ? wkv::to_f(b[o]) : 0.f;
-      const float inv = expf(-cum);
+      const float inv = expf(-cum[t]);
       const int e = t * ld + j;
-      r_in[e] = rt * expf(cum), a_ex[e] = at * expf(before), b_src[e] = bt * inv, k_src[e] = kt * inv;
+      r_in[e] = rt * expf(cum[t]), a_ex[e] = at * expf(t ? cum[t - 1] : 0.f), b_src[e] = bt * inv, k_src[e] = kt * inv;
+    }
+  } else {  // the other thread of column j: its plain arrays
+#pragma unroll
+    for (int t = 0; t < CK; ++t) {
+      const bool in = t < L;
+      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
+      const int e = t * ld + j;
       V[e] = in ? wkv::to_f(v[o]) : 0.f;
       DY[e] = in ? wkv::to_f(dy[o]) : 0.f;
       U[e] = in ? sa[o] : 0.f;
@@ -595,41 +606,39 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
     for (int o = 0; o < S::kStaged; ++o) store_c(res(S::Out(o)), ld, n0 + 8 * nt, out[o][nt], g, q);
   }
   __syncthreads();
-  if (threadIdx.x < N) {  // 5. column j: the log-decay gradient by reverse sums, then every input gradient
-    const int j = threadIdx.x;
+  {  // 5. column j: thread j the log-decay gradient (reverse sums) and dw, thread N + j the other five gradients
     const float *d_rin = res(S::oRin), *d_aex = res(S::oAex), *d_bsrc = res(S::oBsrc);
     const float *d_ksrc = res(S::oKsrc), *d_bend = res(S::oBend), *d_kend = res(S::oKend);
-    float lw[CK], wv[CK], cL = 0.f;
-#pragma unroll
-    for (int t = 0; t < CK; ++t) {
-      const int64_t o = wkv::seq_off(bb, t0 + min(t, L - 1), h, T, H, N) + j;
-      wv[t] = wkv::to_f(w[o]);
-      lw[t] = t < L ? -decay_scale * sigmoid_f(wv[t]) : 0.f;
-      cL += lw[t];
-    }
+    float cum[CK], wv[CK], cL;
+    log_decays(cum, wv, cL);
     const float eL = e_end[j];
-    // b_end d_bend + k_end d_kend at token t (b_end = b_src e^{c_L}, k_end = k_src e^{c_L})
-    auto ends = [&](int e) { return eL * (b_src[e] * d_bend[e] + k_src[e] * d_kend[e]); };
-    float dcL = eL * d_total[j];
+    if (threadIdx.x < N) {
+      // b_end d_bend + k_end d_kend at token t (b_end = b_src e^{c_L}, k_end = k_src e^{c_L})
+      auto ends = [&](int e) { return eL * (b_src[e] * d_bend[e] + k_src[e] * d_kend[e]); };
+      float dcL = eL * d_total[j];
 #pragma unroll
-    for (int t = 0; t < CK; ++t) dcL += ends(t * ld + j);
-    float cum_after = cL, rev_dc = 0.f, rev_dcb = 0.f;  // cum_after: c_t walking back; sums over t' >= t, t' > t
+      for (int t = 0; t < CK; ++t) dcL += ends(t * ld + j);
+      float rev_dc = 0.f, rev_dcb = 0.f;  // sums over t' >= t and t' > t
 #pragma unroll
-    for (int t = CK - 1; t >= 0; --t) {
-      const int e = t * ld + j;
-      rev_dc += r_in[e] * d_rin[e] - b_src[e] * d_bsrc[e] - k_src[e] * d_ksrc[e] - ends(e);
-      const float dlw = rev_dc + rev_dcb + dcL;
-      rev_dcb += a_ex[e] * d_aex[e];
-      const float ct = cum_after;  // c_t
-      cum_after -= lw[t];
-      if (t < L) {
+      for (int t = CK - 1; t >= 0; --t) {
+        const int e = t * ld + j;
+        rev_dc += r_in[e] * d_rin[e] - b_src[e] * d_bsrc[e] - k_src[e] * d_ksrc[e] - ends(e);
+        const float dlw = rev_dc + rev_dcb + dcL;
+        rev_dcb += a_ex[e] * d_aex[e];
+        if (t < L)
+          dw[wkv::seq_off(bb, t0 + t, h, T, H, N) + j] =
+              wkv::from_f<F>(-dlw * decay_scale * sigmoid_f(wv[t]) * sigmoid_f(-wv[t]));
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < L; ++t) {
+        const int e = t * ld + j;
         const int64_t o = wkv::seq_off(bb, t0 + t, h, T, H, N) + j;
-        const float E = expf(ct), after = expf(cL - ct);
+        const float E = expf(cum[t]), after = expf(cL - cum[t]);
         dr[o] = wkv::from_f<F>(d_rin[e] * E);
         dk[o] = wkv::from_f<F>(d_ksrc[e] / E + d_kend[e] * after);
-        da[o] = wkv::from_f<F>(d_aex[e] * expf(cum_after));
+        da[o] = wkv::from_f<F>(d_aex[e] * expf(t ? cum[t - 1] : 0.f));
         db[o] = wkv::from_f<F>(d_bsrc[e] / E + d_bend[e] * after);
-        dw[o] = wkv::from_f<F>(-dlw * decay_scale * sigmoid_f(wv[t]) * sigmoid_f(-wv[t]));
       }
     }
   }
