@@ -13,7 +13,8 @@ The loss is the token-weighted mean over every counted target of the whole seque
 targets[b,t] counts): each segment contributes sum(CE * mask) / (counted tokens of the whole sequence), so how the
 sequence is cut never changes the loss or its gradient. The head and the cross-entropy run in chunks, so the [tokens,
 vocab] logits only ever exist for one chunk: by default as infctx.ops.fused_ce's fused op (its gradients computed in the
-forward), else (fused_ce=False, or a head it cannot take, such as a ZeRO-3 one) checkpointed.
+forward; the model's LMHead runs it inside its own forward, so ZeRO-3's gathers apply), else (fused_ce=False, or a
+head replaced by another module) checkpointed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from infctx.model import RWKV, State
-from infctx.ops.fused_ce import linear_cross_entropy
+from infctx.model.rwkv import LMHead
 
 
 @dataclass
@@ -38,8 +39,8 @@ class BPTTConfig:
     l2wrap: bool = False  # RWKV-LM's L2Wrap: push the max logit of every position towards 0 (gradient only)
     ce_chunk: int = 4096  # tokens (batch x time) per head+CE chunk; 0 = one chunk per segment, not checkpointed
     # head + CE (+ L2Wrap) as one op that computes its gradients during the forward, chunk by chunk (infctx.ops.fused_ce:
-    # no stored logits, no recompute). Used only when the head is a plain bias-free nn.Linear without module hooks whose
-    # weight is materialised (not DeepSpeed-managed, e.g. ZeRO-3); otherwise, or when False, the checkpointed chunks.
+    # no stored logits, no recompute), run by the model's LMHead (DeepSpeed ZeRO-3 included); a head replaced by
+    # another module, or False, takes the checkpointed chunks.
     fused_ce: bool = True
 
     def __post_init__(self) -> None:
@@ -223,10 +224,8 @@ class BPTTEngine:
         """Sum over the segment of CE * weight (weights already divided by the sequence's token count)."""
         h, state = self.model.forward_hidden(inputs, state)
         B, T, _ = h.shape
-        head_weight = self._fused_head_weight()
-        if head_weight is not None:
-            loss = linear_cross_entropy(h, head_weight, targets, weights, l2, self.cfg.ce_chunk or B * T)
-            return loss, state
+        if self._fused_head():
+            return self.model.head(h, targets, weights, l2, self.cfg.ce_chunk or B * T), state
         step = T if self.cfg.ce_chunk == 0 else max(1, self.cfg.ce_chunk // B)
         use_ckpt = self.cfg.ce_chunk > 0 and torch.is_grad_enabled()
         loss = None
@@ -236,21 +235,11 @@ class BPTTEngine:
             loss = part if loss is None else loss + part
         return loss, state
 
-    def _fused_head_weight(self) -> Tensor | None:
-        """The head's weight when the fused head+CE op can stand in for calling the head module, else None.
-
-        Only a plain bias-free nn.Linear without module hooks (calling it does nothing but the matmul), and only when its
-        weight is materialised: a DeepSpeed-managed parameter (ds_id: ZeRO-3) holds its values only while the module's
-        own forward runs, so that head keeps the checkpointed path through the module."""
-        head = self.model.head
-        if not self.cfg.fused_ce or type(head) is not nn.Linear or head.bias is not None:
-            return None
-        if head._forward_hooks or head._forward_pre_hooks or head._backward_hooks or head._backward_pre_hooks:
-            return None
-        w = head.weight
-        if hasattr(w, "ds_id") or w.numel() == 0 or w.shape != (head.out_features, head.in_features):
-            return None
-        return w
+    def _fused_head(self) -> bool:
+        """Whether the head runs as the fused head+CE op: fused_ce is on and the head is the model's LMHead (called
+        as a module, so that hooks on it, e.g. DeepSpeed ZeRO-3's parameter gathers, run). A head replaced by anything
+        else keeps the checkpointed path, which calls it for logits."""
+        return self.cfg.fused_ce and type(self.model.head) is LMHead
 
     def _head_ce(self, h: Tensor, targets: Tensor, weights: Tensor, l2: float) -> Tensor:
         logits = self.model.head(h)

@@ -186,7 +186,7 @@ def test_engine_fused_matches_checkpointed(mode, every, l2wrap, monkeypatch):
     monkeypatch.setattr(BPTTEngine, "_head_ce", lambda self, *a: calls.__setitem__("old", calls["old"] + 1)
                         or real_head_ce(self, *a))
     real_fused = linear_cross_entropy
-    monkeypatch.setattr("infctx.bptt.linear_cross_entropy",
+    monkeypatch.setattr("infctx.model.rwkv.linear_cross_entropy",
                         lambda *a, **k: calls.__setitem__("fused", calls["fused"] + 1) or real_fused(*a, **k))
     for ce_chunk in (0, 5):
         kw = dict(segment_len=6, mode=mode, truncate_every=every, l2wrap=l2wrap, ce_chunk=ce_chunk)
@@ -239,19 +239,42 @@ def test_engine_fp32_single_chunk_is_bitwise_equal():
     assert all(torch.equal(out[True][1][n], g) for n, g in out[False][1].items())
 
 
-def test_engine_falls_back_for_heads_it_cannot_take():
+def test_engine_runs_the_fused_head_through_the_module():
+    """The fused op runs inside LMHead's forward, so hooks on the head (DeepSpeed ZeRO-3's gathers) fire; a head
+    replaced by another module keeps the checkpointed path, and both paths give the same loss and gradients."""
     model = tiny_model(7, seed=13)
+    inputs, targets = (torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+                       for _ in range(2))
     on, off = BPTTEngine(model, BPTTConfig(segment_len=4)), BPTTEngine(model, BPTTConfig(segment_len=4, fused_ce=False))
-    assert on._fused_head_weight() is model.head.weight and off._fused_head_weight() is None
-    hook = model.head.register_forward_hook(lambda *a: None)
-    assert on._fused_head_weight() is None  # a hooked head must be called as a module
-    hook.remove()
-    model.head.weight.ds_id = 0  # a DeepSpeed (ZeRO-3) parameter: materialised only inside the module's forward
+    assert on._fused_head() and not off._fused_head()
+    calls = []
+    hook = model.head.register_forward_pre_hook(lambda mod, args: calls.append(len(args)))
     try:
-        assert on._fused_head_weight() is None
+        fused = on.forward_backward(inputs, targets)
     finally:
-        del model.head.weight.ds_id
-    assert on._fused_head_weight() is model.head.weight
+        hook.remove()
+    # 3 segments: the no-grad pass over the first two, then 3 with grad; each call with (h, targets, weights, l2, chunk)
+    assert calls == [5] * 5, calls
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    plain = off.forward_backward(inputs, targets)
+    plain_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(fused.loss - plain.loss) <= 1e-6 * plain.loss
+    assert fused_grads.keys() == plain_grads.keys() and "head.weight" in plain_grads
+    for n, g in plain_grads.items():
+        assert torch.allclose(fused_grads[n], g, rtol=1e-5, atol=1e-7), n
+    replaced = tiny_model(7, seed=13)
+    replaced.head = torch.nn.Linear(replaced.cfg.n_embd, replaced.cfg.vocab_size, bias=False)
+    assert not BPTTEngine(replaced, BPTTConfig(segment_len=4))._fused_head()
+
+
+def test_lm_head_keeps_the_linear_contract():
+    model = tiny_model(6, seed=2)
+    h = torch.randn(2, 3, model.cfg.n_embd)
+    assert torch.equal(model.head(h), h @ model.head.weight.T)
+    assert list(model.state_dict()).count("head.weight") == 1 and "head.bias" not in model.state_dict()
+    with pytest.raises(ValueError, match="weights"):
+        model.head(h, torch.zeros(2, 3, dtype=torch.long))
 
 
 # ---- GPU: the Triton row pass ---------------------------------------------------------------------------------------

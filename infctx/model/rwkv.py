@@ -19,6 +19,7 @@ from infctx.model.state import State
 from infctx.model.time_mix_v5 import TimeMixV5
 from infctx.model.time_mix_v6 import TimeMixV6
 from infctx.model.time_mix_v7 import TimeMixV7
+from infctx.ops.fused_ce import linear_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,25 @@ MODULES: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {
     6: (TimeMixV6, ChannelMixV6),
     7: (TimeMixV7, ChannelMixV7),
 }
+
+
+class LMHead(nn.Linear):
+    """The bias-free output projection (RWKV-LM's `head.weight`). Called with targets it returns the weighted
+    cross-entropy sum through the fused head+CE op (infctx.ops.fused_ce) instead of the logits, inside its own forward:
+    hooks on the module then run as for a plain call, so DeepSpeed ZeRO-3 gathers the weight for the forward and
+    again for the backward, where the op hands back the weight's gradient."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, h: Tensor, targets: Tensor | None = None, weights: Tensor | None = None,
+                l2_factor: float = 0.0, chunk_tokens: int = 4096) -> Tensor:
+        """h [..., C] -> logits [..., V]; with targets (and per-token weights): sum_i weights_i * CE_i (0-dim)."""
+        if targets is None:
+            return super().forward(h)
+        if weights is None:
+            raise ValueError("LMHead: targets given without their per-token weights")
+        return linear_cross_entropy(h, self.weight, targets, weights, l2_factor, chunk_tokens)
 
 
 def norm_input(ln: nn.LayerNorm, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, float] | None]:
@@ -80,7 +100,7 @@ class RWKV(nn.Module):
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = LMHead(cfg.n_embd, cfg.vocab_size)
         self._wkv_ops: dict[str, Callable] = {}
         if init_weights:
             self.init_weights()
