@@ -464,16 +464,16 @@ void backward(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v
   void FWD_NAME(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,               \
                 torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor states, torch::Tensor decay,    \
                 torch::Tensor scores) {                                                                            \
-    if (r.scalar_type() == at::kBFloat16)                                                                          \
-      wkv56c::forward<__nv_bfloat16>(r, w, k, v, u, s0, y, sT, states, decay, scores);                             \
-    else wkv56c::forward<float>(r, w, k, v, u, s0, y, sT, states, decay, scores);                                  \
+    wkv::with_element(r, [&](auto e) {                                                                             \
+      wkv56c::forward<decltype(e)>(r, w, k, v, u, s0, y, sT, states, decay, scores);                               \
+    });                                                                                                            \
   }                                                                                                                \
   void BWD_NAME(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,               \
                 torch::Tensor dy, torch::Tensor dsT, torch::Tensor states, torch::Tensor decay,                   \
                 torch::Tensor scores, torch::Tensor dstates, torch::Tensor dr, torch::Tensor dw,                   \
                 torch::Tensor dk, torch::Tensor dv, torch::Tensor du, torch::Tensor ds0) {                         \
-    if (r.scalar_type() == at::kBFloat16)                                                                          \
-      wkv56c::backward<__nv_bfloat16>(r, w, k, v, u, dy, dsT, states, decay, scores, dstates, dr, dw, dk, dv, du,  \
-                                      ds0);                                                                        \
-    else wkv56c::backward<float>(r, w, k, v, u, dy, dsT, states, decay, scores, dstates, dr, dw, dk, dv, du, ds0); \
+    wkv::with_element(r, [&](auto e) {                                                                             \
+      wkv56c::backward<decltype(e)>(r, w, k, v, u, dy, dsT, states, decay, scores, dstates, dr, dw, dk, dv, du,    \
+                                    ds0);                                                                          \
+    });                                                                                                            \
   }

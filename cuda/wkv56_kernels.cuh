@@ -321,14 +321,13 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
 #define WKV56_DEFINE_ENTRY_POINTS(FWD_NAME, BWD_NAME)                                                              \
   void FWD_NAME(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,               \
                 torch::Tensor s0, torch::Tensor y, torch::Tensor sT, torch::Tensor ckpt, int rows) {               \
-    if (r.scalar_type() == at::kBFloat16) fwd_typed<__nv_bfloat16>(r, w, k, v, u, s0, y, sT, ckpt, rows);          \
-    else fwd_typed<float>(r, w, k, v, u, s0, y, sT, ckpt, rows);                                                   \
+    wkv::with_element(r, [&](auto e) { fwd_typed<decltype(e)>(r, w, k, v, u, s0, y, sT, ckpt, rows); });          \
   }                                                                                                                \
   void BWD_NAME(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor u,               \
                 torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor scratch, torch::Tensor dr,  \
                 torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor du, torch::Tensor ds0,         \
                 int rows) {                                                                                        \
-    if (r.scalar_type() == at::kBFloat16)                                                                          \
-      bwd_typed<__nv_bfloat16>(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0, rows);              \
-    else bwd_typed<float>(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0, rows);                   \
+    wkv::with_element(r, [&](auto e) {                                                                             \
+      bwd_typed<decltype(e)>(r, w, k, v, u, dy, dsT, ckpt, scratch, dr, dw, dk, dv, du, ds0, rows);                \
+    });                                                                                                            \
   }

@@ -24,6 +24,7 @@
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 #include "wkv_error.h"
+#include <algorithm>
 
 using wkv::ChunkShare;
 using wkv::CK;
@@ -487,12 +488,17 @@ struct FwdOut {
   float *sT = nullptr, *ckpt = nullptr, *sa = nullptr, *q = nullptr;
 };
 
+template <int G, int P>
+constexpr size_t fwd_smem() {  // per block: the chunk's 5 sliced key vectors and 3 row vectors
+  return size_t(CK) * (5 * Sliced<WKV_N, P>::kStride + 3 * (WKV_N / G)) * sizeof(float);
+}
+
 template <typename F, int G, int P, Role kRole>
 void fwd_launch(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a, torch::Tensor b,
                 const FwdOut& o) {
   const int B = r.size(0), T = r.size(1), H = r.size(2);
   constexpr int N = WKV_N, R = N / G;
-  const size_t smem = size_t(CK) * (5 * Sliced<N, P>::kStride + 3 * R) * sizeof(float);
+  constexpr size_t smem = fwd_smem<G, P>();
   auto kern = fwd_kernel<F, N, G, P, kRole>;
   wkv::allow_smem(kern, smem);
   kern<<<B * H * G, R * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k),
@@ -563,6 +569,14 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
 
 int wkv7_packet_floats() { return wkv7tc::kPacketFloats; }
 
+// The most dynamic shared memory a block of this build asks for with the default split and groups, the chunked
+// kernels included (infctx/ops/cuda_build.py's SMEM_NEEDED must agree; tests/gpu checks it).
+int64_t wkv7_smem_bytes() {
+  constexpr size_t kGrad = WKV_N == 64 ? wkv7tc::GradSmem::kBytes : 0;  // the chunked backward: head size 64 only
+  return int64_t(std::max({BwdSmem<WKV_N, kAutoSplit>::kBytes, fwd_smem<1, kAutoSplit>(), ScanTile<WKV_N>::kScanSmem,
+                           ScanTile<WKV_N>::kOuterSmem, wkv7tc::PrepSmem::kBytes, wkv7tc::StateSmem::kBytes, kGrad}));
+}
+
 // The chunked tensor-core forward (wkv7_chunked.cuh): every chunk's S-independent terms at once, then one pass over
 // chunks per head. Same outputs as wkv7_forward_cuda; `packet` is its fp32 workspace, [B*H*nc, packet_floats].
 // kBackward: the state-gradient pass (dy given; `state` = dsT in, `y` unused, `out` = ds0).
@@ -585,10 +599,7 @@ void chunked_launch(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Te
         state.data_ptr<float>(), mptr<F>(y), out.data_ptr<float>(), ckpt.data_ptr<float>(), rows.data_ptr<float>());
     WKV_LAUNCH_CHECK();
   };
-  if (r.scalar_type() == at::kBFloat16)
-    launch(__nv_bfloat16{});
-  else
-    launch(float{});
+  wkv::with_element(r, launch);
 }
 
 void wkv7_forward_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
@@ -623,10 +634,7 @@ void wkv7_backward_grads_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::T
         gsa.data_ptr<float>(), mptr<F>(dr), mptr<F>(dw), mptr<F>(dk), mptr<F>(dv), mptr<F>(da), mptr<F>(db));
     WKV_LAUNCH_CHECK();
   };
-  if (r.scalar_type() == at::kBFloat16)
-    launch(__nv_bfloat16{});
-  else
-    launch(float{});
+  wkv::with_element(r, launch);
 }
 
 void wkv7_forward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
@@ -635,10 +643,7 @@ void wkv7_forward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch:
   FwdOut o;
   o.s0 = s0.data_ptr<float>(), o.y = y.data_ptr(), o.sT = sT.data_ptr<float>();
   o.ckpt = ckpt.data_ptr<float>(), o.sa = sa.data_ptr<float>();
-  if (r.scalar_type() == at::kBFloat16)
-    fwd_typed<__nv_bfloat16, kOrdinary>(r, w, k, v, a, b, o, split, groups);
-  else
-    fwd_typed<float, kOrdinary>(r, w, k, v, a, b, o, split, groups);
+  wkv::with_element(r, [&](auto e) { fwd_typed<decltype(e), kOrdinary>(r, w, k, v, a, b, o, split, groups); });
 }
 
 void wkv7_transfer_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v, torch::Tensor a,
@@ -646,13 +651,10 @@ void wkv7_transfer_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch
   FwdOut own, trans;
   own.sT = u.data_ptr<float>();
   trans.sT = p.data_ptr<float>(), trans.q = q.data_ptr<float>();
-  if (r.scalar_type() == at::kBFloat16) {
-    fwd_typed<__nv_bfloat16, kOwn>(r, w, k, v, a, b, own, split, groups);
-    fwd_typed<__nv_bfloat16, kTransition>(r, w, k, v, a, b, trans, split, groups);
-  } else {
-    fwd_typed<float, kOwn>(r, w, k, v, a, b, own, split, groups);
-    fwd_typed<float, kTransition>(r, w, k, v, a, b, trans, split, groups);
-  }
+  wkv::with_element(r, [&](auto e) {
+    fwd_typed<decltype(e), kOwn>(r, w, k, v, a, b, own, split, groups);
+    fwd_typed<decltype(e), kTransition>(r, w, k, v, a, b, trans, split, groups);
+  });
 }
 
 void wkv7_span_scan_cuda(torch::Tensor s0, torch::Tensor p, torch::Tensor u, torch::Tensor starts) {
@@ -664,10 +666,7 @@ void wkv7_span_scan_back_cuda(torch::Tensor dsT, torch::Tensor p, torch::Tensor 
   const int B = p.size(0), ns = p.size(1), H = p.size(2), L = q.size(1) / ns;
   auto own = torch::empty_like(p);  // V_c, every span's own part of the gradient at its start
   auto qv = q.view({B * ns, L, H, WKV_N}), dyv = dy.view({B * ns, L, H, WKV_N});
-  if (dy.scalar_type() == at::kBFloat16)
-    outer_launch<__nv_bfloat16>(qv, dyv, own);
-  else
-    outer_launch<float>(qv, dyv, own);
+  wkv::with_element(dy, [&](auto e) { outer_launch<decltype(e)>(qv, dyv, own); });
   scan_launch<true>(dsT, p, own, ends);
 }
 
@@ -675,8 +674,7 @@ void wkv7_backward_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch
                         torch::Tensor b, torch::Tensor dy, torch::Tensor dsT, torch::Tensor ckpt, torch::Tensor sa,
                         torch::Tensor dr, torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da,
                         torch::Tensor db, torch::Tensor ds0, int split) {
-  if (r.scalar_type() == at::kBFloat16)
-    bwd_typed<__nv_bfloat16>(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
-  else
-    bwd_typed<float>(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
+  wkv::with_element(r, [&](auto e) {
+    bwd_typed<decltype(e)>(r, w, k, v, a, b, dy, dsT, ckpt, sa, dr, dw, dk, dv, da, db, ds0, split);
+  });
 }

@@ -129,6 +129,33 @@ __device__ __forceinline__ void store_c_transposed(float* part, int n0, const fl
   part[j * CK + g + 8] = d[2], part[(j + 1) * CK + g + 8] = d[3];
 }
 
+// d += A B over a reduction of 16 (A as two preloaded fragments of 8), B stored by the reduction index, columns n0..
+template <bool kThree>
+__device__ __forceinline__ void mma_k16(float (&d)[4], const Split (&A)[2][4], const float* Bm, int ld, int n0, int g,
+                                        int q) {
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt) mma<kThree>(d, A[kt], b_kn(Bm, ld, 8 * kt, n0, g, q));
+}
+
+// Columns 8nt..8nt+7 of a 16 x 16 pair matrix lhs rhs^T over the N keys (both token-major, pitch ld): kept below the
+// diagonal (strict, the M's) or on and below it (the P's)
+template <bool kThree>
+__device__ __forceinline__ void pair_tile(float (&d)[4], const float* lhs, const float* rhs, int ld, int nt,
+                                          bool strict, int g, int q) {
+  d[0] = d[1] = d[2] = d[3] = 0.f;
+#pragma unroll
+  for (int kt = 0; kt < WKV_N / 8; ++kt) {
+    Split A[4];
+    load_a(A, lhs, ld, 8 * kt, g, q);
+    mma<kThree>(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
+  }
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    const int t = g + 8 * (x >> 1), s = 8 * nt + 2 * q + (x & 1);
+    if (strict ? s >= t : s > t) d[x] = 0.f;
+  }
+}
+
 // The backward prep's products: Pb^T dy (shared), W = (I - Mb)^-T b_end and Z = (I - Mb)^-T (Pb^T dy) (packet)
 template <bool kThree>
 __device__ __forceinline__ void chunk_backward_tail(float* out, const float* Ainv, const float* Pb, const float* DY,
@@ -140,11 +167,8 @@ __device__ __forceinline__ void chunk_backward_tail(float* out, const float* Ain
 #pragma unroll
   for (int n = 0; n < N / 8; ++n) {
     float dp[4] = {0.f, 0.f, 0.f, 0.f}, dw[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int kt = 0; kt < 2; ++kt) {
-      mma<kThree>(dp, Pt[kt], b_kn(DY, ld, 8 * kt, 8 * n, g, q));
-      mma<kThree>(dw, At[kt], b_kn(B_end, ld, 8 * kt, 8 * n, g, q));
-    }
+    mma_k16<kThree>(dp, Pt, DY, ld, 8 * n, g, q);
+    mma_k16<kThree>(dw, At, B_end, ld, 8 * n, g, q);
     store_c(PbT_dy, ld, 8 * n, dp, g, q);
     store_c(out + kW * kPartFloats, N, 8 * n, dw, g, q);
   }
@@ -152,9 +176,52 @@ __device__ __forceinline__ void chunk_backward_tail(float* out, const float* Ain
 #pragma unroll
   for (int n = 0; n < N / 8; ++n) {
     float dz[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int kt = 0; kt < 2; ++kt) mma<kThree>(dz, At[kt], b_kn(PbT_dy, ld, 8 * kt, 8 * n, g, q));
+    mma_k16<kThree>(dz, At, PbT_dy, ld, 8 * n, g, q);
     store_c_transposed(out + kZT * kPartFloats, 8 * n, dz, g, q);
+  }
+}
+
+// The forward prep's products (three tf32 products each: the sequential backward backsteps from the forward):
+// W = (I - Mb)^-1 a_ex, Z = (I - Mb)^-1 Mk V, R = r_in + Pb W, Y = Pb Z + Pk V (packet); W, Mk V and Z also go to
+// the shared slots Ws, MkV, Zs for the products that read them
+__device__ __forceinline__ void chunk_forward_tail(float* out, const float* Ainv, const float* pairs,
+                                                  const float* a_ex, const float* r_in, const float* V, float* Ws,
+                                                  float* MkV, float* Zs, int g, int q) {
+  constexpr int N = WKV_N, ld = WKV_N + 8, lp = CK + 8;
+  const float *Mk = pairs + CK * lp, *Pb = pairs + 2 * CK * lp, *Pk = pairs + 3 * CK * lp;
+  Split Ai[2][4], Ab[2][4], Am[2][4], Ak[2][4];  // Ainv, Pb, Mk and Pk as A operands, each 16 x 16
+#pragma unroll
+  for (int kt = 0; kt < 2; ++kt) {
+    load_a(Ai[kt], Ainv, lp, 8 * kt, g, q), load_a(Ab[kt], Pb, lp, 8 * kt, g, q);
+    load_a(Am[kt], Mk, lp, 8 * kt, g, q), load_a(Ak[kt], Pk, lp, 8 * kt, g, q);
+  }
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {  // W and Mk V
+    float dw[4] = {0.f, 0.f, 0.f, 0.f}, dm[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_k16<true>(dw, Ai, a_ex, ld, 8 * n, g, q);
+    mma_k16<true>(dm, Am, V, ld, 8 * n, g, q);
+    store_c(out + kW * kPartFloats, N, 8 * n, dw, g, q);
+    store_c(Ws, ld, 8 * n, dw, g, q);
+    store_c(MkV, ld, 8 * n, dm, g, q);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {  // Z (transposed) and R
+    float dz[4] = {0.f, 0.f, 0.f, 0.f}, dr[4];
+    load_c(dr, r_in, ld, 8 * n, g, q);
+    mma_k16<true>(dz, Ai, MkV, ld, 8 * n, g, q);
+    mma_k16<true>(dr, Ab, Ws, ld, 8 * n, g, q);
+    store_c_transposed(out + kZT * kPartFloats, 8 * n, dz, g, q);
+    store_c(Zs, ld, 8 * n, dz, g, q);
+    store_c(out + kR * kPartFloats, N, 8 * n, dr, g, q);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n) {  // Y (transposed)
+    float dy[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_k16<true>(dy, Ab, Zs, ld, 8 * n, g, q);
+    mma_k16<true>(dy, Ak, V, ld, 8 * n, g, q);
+    store_c_transposed(out + kYT * kPartFloats, 8 * n, dy, g, q);
   }
 }
 
@@ -239,23 +306,13 @@ __global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scal
     const float* rhs = (m & 1) ? k_src : b_src;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int kt = 0; kt < N / 8; ++kt) {
-        Split A[4];
-        load_a(A, lhs, ld, 8 * kt, g, q);
-        mma<kThree>(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
-      }
-#pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const int t = g + 8 * (x >> 1), s = 8 * nt + 2 * q + (x & 1);
-        if (m < 2 ? s >= t : s > t) d[x] = 0.f;
-      }
+      float d[4];
+      pair_tile<kThree>(d, lhs, rhs, ld, nt, m < 2, g, q);
       store_c(pair + m * CK * lp, lp, 8 * nt, d, g, q);
     }
   }
   __syncwarp();
-  const float *Mb = pair, *Mk = pair + CK * lp, *Pb = pair + 2 * CK * lp, *Pk = pair + 3 * CK * lp;
+  const float *Mb = pair, *Pb = pair + 2 * CK * lp;
   if (lane < CK) {  // 3. (I - Mb)^-1, unit lower triangular: column `lane` by forward substitution
     float x[CK];
 #pragma unroll
@@ -268,57 +325,10 @@ __global__ void __launch_bounds__(32) prep_kernel(int T, int H, float decay_scal
     }
   }
   __syncwarp();
-  if constexpr (kBackward) {
-    chunk_backward_tail<kExact<F, true>>(out, Ainv, Pb, DY, B_end, PbT_dy, g, q);
-    return;
-  }
-  Split Ai[2][4], Ab[2][4];  // Ainv and Pb as A operands, both 16 x 16
-#pragma unroll
-  for (int kt = 0; kt < 2; ++kt) load_a(Ai[kt], Ainv, lp, 8 * kt, g, q), load_a(Ab[kt], Pb, lp, 8 * kt, g, q);
-  // 4. W = (I - Mb)^-1 a_ex (packet and b_src's slot), Mk V (k_src's slot)
-#pragma unroll
-  for (int n = 0; n < N / 8; ++n) {
-    float dw[4] = {0.f, 0.f, 0.f, 0.f}, dm[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int kt = 0; kt < 2; ++kt) {
-      Split Am[4];
-      load_a(Am, Mk, lp, 8 * kt, g, q);
-      mma3(dw, Ai[kt], b_kn(a_ex, ld, 8 * kt, 8 * n, g, q));
-      mma3(dm, Am, b_kn(V, ld, 8 * kt, 8 * n, g, q));
-    }
-    store_c(out + kW * kPartFloats, N, 8 * n, dw, g, q);
-    store_c(Ws, ld, 8 * n, dw, g, q);
-    store_c(MkV, ld, 8 * n, dm, g, q);
-  }
-  __syncwarp();
-  // 5. Z = (I - Mb)^-1 (Mk V) (packet, transposed, and a_ex's slot); R = r_in + Pb W (packet)
-#pragma unroll
-  for (int n = 0; n < N / 8; ++n) {
-    float dz[4] = {0.f, 0.f, 0.f, 0.f}, dr[4];
-    load_c(dr, r_in, ld, 8 * n, g, q);
-#pragma unroll
-    for (int kt = 0; kt < 2; ++kt) {
-      mma3(dz, Ai[kt], b_kn(MkV, ld, 8 * kt, 8 * n, g, q));
-      mma3(dr, Ab[kt], b_kn(Ws, ld, 8 * kt, 8 * n, g, q));
-    }
-    store_c_transposed(out + kZT * kPartFloats, 8 * n, dz, g, q);
-    store_c(Zs, ld, 8 * n, dz, g, q);
-    store_c(out + kR * kPartFloats, N, 8 * n, dr, g, q);
-  }
-  __syncwarp();
-  // 6. Y = Pb Z + Pk V (packet, transposed)
-#pragma unroll
-  for (int n = 0; n < N / 8; ++n) {
-    float dy[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int kt = 0; kt < 2; ++kt) {
-      Split Ak[4];
-      load_a(Ak, Pk, lp, 8 * kt, g, q);
-      mma3(dy, Ab[kt], b_kn(Zs, ld, 8 * kt, 8 * n, g, q));
-      mma3(dy, Ak, b_kn(V, ld, 8 * kt, 8 * n, g, q));
-    }
-    store_c_transposed(out + kYT * kPartFloats, 8 * n, dy, g, q);
-  }
+  if constexpr (kBackward)  // 4. the products with (I - Mb)^-1 and Pb
+    chunk_backward_tail<kThree>(out, Ainv, Pb, DY, B_end, PbT_dy, g, q);
+  else
+    chunk_forward_tail(out, Ainv, pair, a_ex, r_in, V, Ws, MkV, Zs, g, q);
 }
 
 // A warp's 16 state rows (accumulator layout) to an N x N fp32 matrix.
@@ -558,19 +568,8 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(int T, int H, float deca
     const int m = tile / 2, nt = tile % 2;
     const float* lhs = m == S::kMk ? a_ex : m == S::kPk ? r_in : (m == S::kdMb || m == S::kdMk) ? G : DY;
     const float* rhs = m <= S::kPk ? k_src : (m == S::kdMb || m == S::kdPb) ? U : V;
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int kt = 0; kt < N / 8; ++kt) {
-      Split A[4];
-      load_a(A, lhs, ld, 8 * kt, g, q);
-      mma<kThree>(d, A, b_nt(rhs, ld, 8 * kt, 8 * nt, g, q));
-    }
-    const bool strict = m == S::kMk || m == S::kdMb || m == S::kdMk;  // the M's: below the diagonal
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      const int t = g + 8 * (x >> 1), s = 8 * nt + 2 * q + (x & 1);
-      if (strict ? s >= t : s > t) d[x] = 0.f;
-    }
+    float d[4];
+    pair_tile<kThree>(d, lhs, rhs, ld, nt, m == S::kMk || m == S::kdMb || m == S::kdMk, g, q);
     store_c(pr(S::Pair(m)), lp, 8 * nt, d, g, q);
   }
   __syncthreads();

@@ -10,6 +10,7 @@ void wkv7_forward_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k
                                torch::Tensor b, torch::Tensor s0, torch::Tensor y, torch::Tensor sT,
                                torch::Tensor ckpt, torch::Tensor sa, torch::Tensor packet);
 int wkv7_packet_floats();
+int64_t wkv7_smem_bytes();
 void wkv7_backward_grads_chunked_cuda(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor v,
                                       torch::Tensor a, torch::Tensor b, torch::Tensor dy, torch::Tensor s0,
                                       torch::Tensor ckpt, torch::Tensor dckpt, torch::Tensor sa, torch::Tensor gsa,
@@ -133,6 +134,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_chunked", &forward_chunked, "wkv7 forward on tensor cores, chunk terms at once then a pass over "
         "chunks: the outputs of forward; packet: fp32 workspace of packet_floats per chunk");
   m.def("packet_floats", &wkv7_packet_floats);
+  m.def("smem_bytes", &wkv7_smem_bytes, "the most dynamic shared memory per block a launch of this build asks for");
   m.def("backward_grads_chunked", &backward_grads_chunked, "wkv7 input gradients of every chunk at once on "
         "tensor cores, from both passes' checkpoints, sa and d sa (head size 64)");
   m.def("backward_state_chunked", &backward_state_chunked, "wkv7 state-gradient pass on tensor cores: from dy "

@@ -9,9 +9,10 @@ constexpr int CK = 16;
 
 }  // namespace wkv
 
-#ifdef __CUDACC__  // device helpers; the host-only bindings need just CK
+#ifdef __CUDACC__  // device helpers and the launchers' dispatch; the host-only bindings need just CK
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <torch/extension.h>
 
 namespace wkv {
 
@@ -160,6 +161,15 @@ __device__ __forceinline__ void write_chunk(F* dst, int bb, int t0, int L, int h
 // Blocks may need more than the default 48 KB of dynamic shared memory (head size 128).
 template <typename K> inline void allow_smem(K kernel, size_t bytes) {
   if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+// Calls f(__nv_bfloat16{}) or f(float{}) by t's dtype (the bindings accept only these two), so that every launcher
+// names its element type once: `with_element(r, [&](auto e) { launch<decltype(e)>(...); })`.
+template <class Fn> void with_element(const torch::Tensor& t, Fn&& f) {
+  if (t.scalar_type() == at::kBFloat16)
+    f(__nv_bfloat16{});
+  else
+    f(float{});
 }
 
 }  // namespace wkv

@@ -87,8 +87,9 @@ def check_capability(capability: tuple[int, int], name: str = "this GPU") -> Non
                              "(sm_80 or newer: A100, H100, RTX 30xx+); use wkv_backend='torch'")
 
 
-# Shared memory per block the largest kernel of a (version, head size) asks for (cuda/wkv7.cu: the backward with
-# the default split; wkv5/6 and wkv7 N=64 fit the 99 KiB of every sm_80+ GPU).
+# Shared memory per block of the largest kernel of a (version, head size), where it is over the 99 KiB that every
+# sm_80+ GPU allows (wkv5/6 and wkv7 N=64 fit). Checked before a build, so written out here; the GPU suite compares
+# it with what the built extension reports (cuda/wkv7.cu wkv7_smem_bytes: the backward with the default split).
 SMEM_NEEDED = {(7, 128): 149_504}
 
 

@@ -135,7 +135,8 @@ class _WKV7(torch.autograd.Function):
         ext = load_extension(7, r.shape[3], r.device)
         state = _state_in(s0, r)
         y, sT, ckpt, sa = _forward7(ext, [r, w, k, v, a, b], state, split, groups, kernel)
-        ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa, state)
+        # the chunked backward starts chunk 0 from s0; the sequential one backsteps from the checkpoints alone
+        ctx.save_for_backward(r, w, k, v, a, b, ckpt, sa, state if backward == "chunked" else None)
         ctx.has_s0, ctx.split, ctx.backward_kernel = s0 is not None, split, backward
         return y, sT
 

@@ -427,3 +427,14 @@ def test_second_load_uses_the_cache():
     cfg = cuda_build.BuildConfig()
     key = cuda_build.build_key(7, 64, torch.cuda.get_device_capability())
     assert (cfg.cache_dir / f"infctx_wkv7_n64_{key}" / "BUILD_OK").is_file()
+
+
+@pytest.mark.parametrize("N", [64, 128])
+def test_preflight_shared_memory_table_matches_the_build(N):
+    """cuda_build.SMEM_NEEDED (checked before a build, so written by hand) lists each wkv7 head size whose largest
+    block needs more than the 99 KiB every sm_80+ GPU allows, with the figure the built extension reports."""
+    from infctx.ops import cuda_build
+
+    need = cuda_build.load_extension(7, N).smem_bytes()
+    listed = cuda_build.SMEM_NEEDED.get((7, N))
+    assert listed == (need if need > 99 * 1024 else None), (N, need, listed)
