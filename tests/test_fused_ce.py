@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from infctx.bptt import BPTTConfig, BPTTEngine, L2Wrap
 from infctx.ops import fused_ce
+from infctx.ops._common import rel_rms
 from infctx.ops.fused_ce import linear_cross_entropy
 from model_helpers import one_thread, tiny_model  # noqa: F401 (autouse fixture)
 
@@ -131,7 +132,7 @@ def test_float32_and_low_precision_dtypes():
         got = _fused(hb, wb, targets, weights.float(), 1e-4 / N, 0.5, 8)
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
     for g, r in zip(got, ref):
-        assert _rel_rms(g, r) < 1e-2
+        assert rel_rms(g, r) < 1e-2
 
     tiny = weights * 1e-6  # w * softmax would underflow fp16 without the scaling
     hh, wh = h.half(), w.half()
@@ -139,7 +140,7 @@ def test_float32_and_low_precision_dtypes():
     got = _fused(hh, wh, targets, tiny.float(), 1e-10 / N, 1e4, 8)
     assert got[1].dtype == torch.float16
     for g, r in zip(got, ref):
-        assert _rel_rms(g, r) < 2e-3
+        assert rel_rms(g, r) < 2e-3
 
 
 def test_argument_errors():
@@ -283,11 +284,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 TOL = {torch.bfloat16: 5e-3, torch.float32: 1e-5}
 
 
-def _rel_rms(got, ref) -> float:
-    got, ref = got.double(), ref.double()
-    return math.sqrt((got - ref).pow(2).mean().item()) / max(math.sqrt(ref.pow(2).mean().item()), 1e-30)
-
-
 def _require_triton():
     assert fused_ce.triton_available(), "triton could not be imported: the fused CE op would use its torch row pass"
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 tolerance is for true fp32 GEMMs (torch's default)
@@ -315,14 +311,14 @@ def test_triton_rows_match_float64(dtype, vocab):
     ref_ce = fused_ce._rows_torch(ref, targets, weights.double(), inv.double(), l2, True)
     untouched = x.clone()
     ce_only = ce_rows(untouched, targets, weights, None, 0.0, False)
-    assert torch.equal(untouched, x) and _rel_rms(ce_only, ref_ce) < 1e-6
+    assert torch.equal(untouched, x) and rel_rms(ce_only, ref_ce) < 1e-6
     logits = x.clone()
     ce = ce_rows(logits, targets, weights, inv, l2, True)
-    assert ce.dtype == torch.float32 and _rel_rms(ce, ref_ce) < 1e-6
-    assert _rel_rms(logits, ref) < TOL[dtype]
+    assert ce.dtype == torch.float32 and rel_rms(ce, ref_ce) < 1e-6
+    assert rel_rms(logits, ref) < TOL[dtype]
     arg = x.argmax(dim=-1, keepdim=True)  # first occurrence, as L2Wrap's max() and the kernel take it
     at_max, want = logits.double().gather(1, arg), ref.gather(1, arg)
-    assert _rel_rms(at_max, want) < TOL[dtype]
+    assert rel_rms(at_max, want) < TOL[dtype]
     no_l2 = torch.softmax(x.double(), -1).gather(1, arg) * (weights.double() * inv)[:, None]
     assert (want - no_l2).abs().min() > 0.5 * (want.abs().min())  # the L2Wrap term is what is compared there
 
@@ -344,7 +340,7 @@ def test_triton_fused_matches_float64(dtype, vocab, l2):
     got = _fused(h, w, targets, weights, factor, 0.8, 384)
     assert got[1].dtype == dtype and got[2].dtype == dtype
     for name, x, y in zip(("loss", "dh", "dW"), got, ref):
-        err = _rel_rms(x, y)
+        err = rel_rms(x, y)
         assert err < TOL[dtype], f"{name}: rel RMS {err:.2e}"
 
 
@@ -363,7 +359,7 @@ def test_triton_under_autocast_matches_float64():
         got = _fused(h, w, targets, weights, factor, 1.0, 512)
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
     for name, x, y in zip(("loss", "dh", "dW"), got, ref):
-        err = _rel_rms(x, y)
+        err = rel_rms(x, y)
         assert err < TOL[torch.bfloat16], f"{name}: rel RMS {err:.2e}"
 
 
@@ -384,5 +380,5 @@ def test_engine_on_cuda_fused_matches_checkpointed():
         out[fused] = (res.loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-3)
     for name, ref in out[False][1].items():
-        err = _rel_rms(out[True][1][name], ref)
+        err = rel_rms(out[True][1][name], ref)
         assert err < 2e-2, f"{name}: rel RMS {err:.2e}"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from infctx.model import fused
 from infctx.model.channel_mix import ChannelMixV5, ChannelMixV6, ChannelMixV7
 from infctx.model.config import ModelConfig
 from infctx.model.state import State
@@ -49,7 +50,7 @@ class LMHead(nn.Linear):
         return linear_cross_entropy(h, self.weight, targets, weights, l2_factor, chunk_tokens)
 
 
-def norm_input(ln: nn.LayerNorm, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, float] | None]:
+def norm_input(ln: nn.LayerNorm, x: Tensor) -> tuple[Tensor, fused.Norm | None]:
     """(x, ln's weight/bias/eps) for a time-mix/channel-mix module to normalise inside its first fused region (no
     fp32 LayerNorm output in memory, no separate LayerNorm kernels); (ln(x), None) where DeepSpeed ZeRO-3 partitions
     ln's weights, which only ln's own forward hook gathers."""

@@ -6,12 +6,11 @@ bf16 inputs, <= 1e-5 for fp32 inputs, on y, sT and every gradient including ds0 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from infctx import ops
+from infctx.ops._common import rel_rms
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
@@ -46,11 +45,6 @@ def run(fn, inputs: dict, gy: torch.Tensor, gs: torch.Tensor, double: bool = Fal
     y, sT = fn(*leaves.values())
     torch.autograd.backward([y, sT], [gy.to(y.dtype), gs.to(sT.dtype)])
     return {"y": y.detach(), "sT": sT.detach(), **{f"d{n}": t.grad for n, t in leaves.items()}}
-
-
-def rel_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    return (math.sqrt((got - ref).pow(2).mean().item()) / max(math.sqrt(ref.pow(2).mean().item()), 1e-30))
 
 
 def check_against_reference(version: int, B: int, T: int, H: int, N: int, dtype: torch.dtype, seed: int = 0,
