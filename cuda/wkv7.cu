@@ -144,17 +144,13 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
     next.store(sr, sd, sk, &sv[0][0], sa, sb, VS, Lay::at);
     __syncthreads();
     if (c + 1 < nc) prefetch(t0 + CK);
-    // sa of the next token rides along in the pass that updates S (same sums in the same order as dot_slice), so
-    // each token waits on one reduction; past the chunk's last token it reads the next shared row and is dropped.
-    float sai = group_sum<P>(dot_slice<M>(S, sa + off));
     for (int l = 0; l < L; ++l) {
-      const float vi = sv[l][il];
-      float y4[4] = {0.f, 0.f, 0.f, 0.f}, n4[4] = {0.f, 0.f, 0.f, 0.f};
+      const float sai = group_sum<P>(dot_slice<M>(S, sa + l * VS + off)), vi = sv[l][il];
+      float y4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int q = 0; q < M; q += 4) {
         const float4 d4 = ld4(sd + l * VS + off + q), b4 = ld4(sb + l * VS + off + q);
         const float4 k4 = ld4(sk + l * VS + off + q), r4 = ld4(sr + l * VS + off + q);
-        const float4 a4 = ld4(sa + (l + 1) * VS + off + q);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
           if constexpr (kRole == kTransition)
@@ -162,18 +158,14 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
           else
             S[q + u] = S[q + u] * at4(d4, u) + (sai * at4(b4, u) + vi * at4(k4, u));
           if constexpr (kRole != kOwn) y4[u] += S[q + u] * at4(r4, u);
-          n4[u] += S[q + u] * at4(a4, u);
         }
       }
-      const float next = group_sum<P>((n4[0] + n4[1]) + (n4[2] + n4[3]));
-      if constexpr (kRole != kOwn) {
-        const float yi = group_sum<P>((y4[0] + y4[1]) + (y4[2] + y4[3]));
-        if (p == 0) {
-          sy[l][il] = yi;
-          ssa[l][il] = sai;
-        }
+      if constexpr (kRole == kOwn) continue;
+      const float yi = group_sum<P>((y4[0] + y4[1]) + (y4[2] + y4[3]));
+      if (p == 0) {
+        sy[l][il] = yi;
+        ssa[l][il] = sai;
       }
-      sai = next;
     }
     float* cp = ckpt + ((int64_t(bh) * nc + c) * N + i) * N + p * M;
     float* st = sT + (int64_t(bh) * N + i) * N + p * M;
