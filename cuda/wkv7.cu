@@ -6,8 +6,9 @@
 // head and P threads share a row, each holding the M = N/P keys j = p*M + q in registers. A chunk of CK tokens of
 // key vectors sits in shared memory ("sliced": each thread's M keys contiguous, slices padded so the P slices read
 // together fall in distinct banks, read 4 at a time); the next chunk is loaded into registers while this one is
-// computed. The only exchanges are two P-lane shuffles per token (sa_i and y_i). The state is saved at the end of
-// every chunk (checkpoint) and sa_t per token.
+// computed. The only exchanges are two P-lane shuffles per token (sa_i and y_i). Within a chunk the state is held
+// divided by the chunk's cumulative decay (keys pre-scaled when staged), so a token costs 4 FMAs per state entry,
+// not 5. The state is saved at the end of every chunk (checkpoint) and sa_t per token.
 //
 // Backward ("backstepping"): d_t >= e^{-e^{-1/2}} ~ 0.545, so S_{t-1} = (S_t - sa_t b_t^T - v_t k_t^T) diag(1/d_t)
 // is well conditioned over a chunk; each chunk restarts from its exact checkpoint, so rounding never accumulates past
@@ -69,8 +70,8 @@ __device__ __forceinline__ float at4(const float4& v, int c) { return c == 0 ? v
 
 // The next chunk's inputs, in registers until the chunk before it is done: r, w, k, a, b (all N features; stored
 // sliced, w as its decay) and v for the block's R value rows: plain in the forward, sliced like the keys in the
-// backward (kVSliced, R = N).
-template <typename F, int N, int R, int kThreads, bool kVSliced>
+// backward (R = N).
+template <typename F, int N, int R, int kThreads>
 struct NextChunk {
   ChunkShare<N, N, kThreads, F> r, w, k, a, b;
   ChunkShare<N, R, kThreads, F> v;
@@ -85,17 +86,37 @@ struct NextChunk {
     b.load(b_, bb, t0, L, h, T, H);
   }
 
-  // Raw w also goes plain into sw where given (the backward's dw needs it), next to its decay for the same reason.
-  // Given or not is a type, as a runtime null test would stay in the code.
-  template <class At, class Raw = std::nullptr_t>
+  // The forward's staging (fwd_kernel): sd gets the chunk's cumulative decay P_l = d_0 * ... * d_l and the key
+  // vectors go in pre-scaled by it, r_l P_l, a_l P_{l-1}, b_l / P_l, k_l / P_l. Starts and ends synchronised.
+  template <class At>
+  __device__ __forceinline__ void store_scaled(float* sr, float* sd, float* sk, float* sv, float* sa, float* sb,
+                                               int stride, At at, int L) const {
+    w.store(sd, stride, at, decay7);
+    v.store(sv, R, plain, ident);
+    __syncthreads();
+    for (int j = threadIdx.x; j < N; j += kThreads) {  // serial over the chunk's tokens, one key column per thread
+      float p = 1.f;
+#pragma unroll
+      for (int l = 0; l < CK; ++l)
+        if (l < L) sd[l * stride + at(j)] = p *= sd[l * stride + at(j)];
+    }
+    __syncthreads();
+    r.store_at(sr, stride, at, [&](float x, int e) { return x * sd[e]; });
+    a.store_at(sa, stride, at, [&](float x, int e) { return e >= stride ? x * sd[e - stride] : x; });
+    b.store_at(sb, stride, at, [&](float x, int e) { return __fdividef(x, sd[e]); });
+    k.store_at(sk, stride, at, [&](float x, int e) { return __fdividef(x, sd[e]); });
+    __syncthreads();
+  }
+
+  // The backward's staging: raw w also goes plain into sw (dw needs it), v sliced like the keys (R = N).
+  template <class At>
   __device__ __forceinline__ void store(float* sr, float* sd, float* sk, float* sv, float* sa, float* sb, int stride,
-                                        At at, Raw sw = nullptr) const {
+                                        At at, float* sw) const {
     r.store(sr, stride, at, ident);
-    if constexpr (!std::is_same_v<Raw, std::nullptr_t>) w.store(sw, N, plain, ident);
+    w.store(sw, N, plain, ident);
     w.store(sd, stride, at, decay7);
     k.store(sk, stride, at, ident);
-    if constexpr (kVSliced) v.store(sv, stride, at, ident);
-    else v.store(sv, R, plain, ident);
+    v.store(sv, stride, at, ident);
     a.store(sa, stride, at, ident);
     b.store(sb, stride, at, ident);
   }
@@ -134,29 +155,28 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
       S[q] = x.x, S[q + 1] = x.y, S[q + 2] = x.z, S[q + 3] = x.w;
     }
   }
-  NextChunk<F, N, R, kThreads, false> next;  // in flight
+  NextChunk<F, N, R, kThreads> next;  // in flight
   auto prefetch = [&](int t0) { next.load(r, w, k, v, a, b, bb, t0, min(CK, T - t0), h, T, H, g * R); };
   prefetch(0);
   const int off = p * Lay::kPitch;  // this thread's slice
   for (int c = 0; c < nc; ++c) {
     const int t0 = c * CK, L = min(CK, T - t0);
     __syncthreads();  // the previous chunk is done with the shared vectors
-    next.store(sr, sd, sk, &sv[0][0], sa, sb, VS, Lay::at);
-    __syncthreads();
+    next.store_scaled(sr, sd, sk, &sv[0][0], sa, sb, VS, Lay::at, L);
     if (c + 1 < nc) prefetch(t0 + CK);
+    // Within the chunk S holds S~_l = S_l diag(P_l)^-1 (store_scaled's P), so that no entry is multiplied by a decay:
+    //   S~_l = S~_{l-1} + sa_l (b_l/P_l)^T + v_l (k_l/P_l)^T,  sa_l = S~_{l-1} (P_{l-1} a_l),  y_l = S~_l (P_l r_l).
     for (int l = 0; l < L; ++l) {
       const float sai = group_sum<P>(dot_slice<M>(S, sa + l * VS + off)), vi = sv[l][il];
       float y4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int q = 0; q < M; q += 4) {
-        const float4 d4 = ld4(sd + l * VS + off + q), b4 = ld4(sb + l * VS + off + q);
-        const float4 k4 = ld4(sk + l * VS + off + q), r4 = ld4(sr + l * VS + off + q);
+        const float4 b4 = ld4(sb + l * VS + off + q), k4 = ld4(sk + l * VS + off + q), r4 = ld4(sr + l * VS + off + q);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          if constexpr (kRole == kTransition)
-            S[q + u] = S[q + u] * at4(d4, u) + sai * at4(b4, u);
-          else
-            S[q + u] = S[q + u] * at4(d4, u) + (sai * at4(b4, u) + vi * at4(k4, u));
+          // v k^T first: it does not wait for sa_l's reduction
+          const float s = kRole == kTransition ? S[q + u] : fmaf(vi, at4(k4, u), S[q + u]);
+          S[q + u] = fmaf(sai, at4(b4, u), s);
           if constexpr (kRole != kOwn) y4[u] += S[q + u] * at4(r4, u);
         }
       }
@@ -166,6 +186,11 @@ __global__ void __launch_bounds__(N / G * P) fwd_kernel(int T, int H, const F* _
         sy[l][il] = yi;
         ssa[l][il] = sai;
       }
+    }
+#pragma unroll
+    for (int q = 0; q < M; q += 4) {  // back to S_{L-1} = S~_{L-1} diag(P_{L-1})
+      const float4 p4 = ld4(sd + (L - 1) * VS + off + q);
+      S[q] *= p4.x, S[q + 1] *= p4.y, S[q + 2] *= p4.z, S[q + 3] *= p4.w;
     }
     float* cp = ckpt + ((int64_t(bh) * nc + c) * N + i) * N + p * M;
     float* st = sT + (int64_t(bh) * N + i) * N + p * M;
@@ -246,7 +271,7 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
 #pragma unroll
     for (int q = 0; q < M; ++q) dC[q] = g0[(p * M + q) * N + i];
   }
-  struct : NextChunk<F, N, N, kThreads, true> {  // the next chunk (going backwards), in flight, with its dy and sa_t
+  struct : NextChunk<F, N, N, kThreads> {  // the next chunk (going backwards), in flight, with its dy and sa_t
     ChunkShare<N, N, kThreads, F> dy;
     ChunkShare<N, N, kThreads, float> sa_t;
   } next;

@@ -139,9 +139,14 @@ struct ChunkShare {
   // dst[l * stride + at(f)] = fn(value of (l, f)); `at` must map E consecutive features to consecutive places.
   template <class At, class Fn>
   __device__ __forceinline__ void store(float* dst, int stride, At at, Fn fn) const {
-    float* d = dst + Spot::token() * stride + at(Spot::feature());
+    store_at(dst, stride, at, [&](float v, int) { return fn(v); });
+  }
+  // As store, with fn(value, place) also given the place it writes, to read a same-layout array there.
+  template <class At, class Fn>
+  __device__ __forceinline__ void store_at(float* dst, int stride, At at, Fn fn) const {
+    const int base = Spot::token() * stride + at(Spot::feature());
 #pragma unroll
-    for (int n = 0; n < E; ++n) d[n] = fn(x.get(n));
+    for (int n = 0; n < E; ++n) dst[base + n] = fn(x.get(n), base + n);
   }
 };
 

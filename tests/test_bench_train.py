@@ -107,15 +107,17 @@ def test_plan_rows_adds_same_batch_references():
 def test_kernel_classes_and_shares():
     kernels = [
         ("void (anonymous namespace)::fwd_kernel<__nv_bfloat16, Tiling<64> >(int, int, ...)", 30.0),
-        ("void (anonymous namespace)::bwd_kernel<__nv_bfloat16, Tiling<64> >(int, int, ...)", 10.0),
+        ("void (anonymous namespace)::bwd_kernel<__nv_bfloat16, Tiling<64> >(int, int, ...)", 6.0),
+        ("void (anonymous namespace)::span_scan_kernel<64, true>(int, int, float const*, ...)", 2.0),
+        ("void (anonymous namespace)::span_outer_kernel<__nv_bfloat16, 64>(int, int, float const*, ...)", 2.0),
         ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", 25.0),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 15.0),
         ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 12.0),
         ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>", 4.0),
         ("Memcpy DtoD (Device -> Device)", 4.0),
     ]
-    assert [bt.classify_kernel(n) for n, _ in kernels] == ["wkv", "wkv", "matmul", "matmul", "elementwise",
-                                                            "elementwise", "copy"]
+    assert [bt.classify_kernel(n) for n, _ in kernels] == ["wkv", "wkv", "wkv", "wkv", "matmul", "matmul",
+                                                            "elementwise", "elementwise", "copy"]
     shares = bt.time_shares(kernels)
     assert shares == pytest.approx(dict(wkv=0.40, matmul=0.40, elementwise=0.16, copy=0.04), abs=1e-12)
     assert math.fsum(shares.values()) == pytest.approx(1.0)

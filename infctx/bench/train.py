@@ -49,7 +49,7 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
                     ("H800", 989.0), ("A100", 312.0))
 
 KERNEL_CLASSES = (  # first match wins; anything unmatched is "elementwise" (pointwise, norms, reductions, CE)
-    ("wkv", re.compile(r"wkv|rwkv|\(anonymous namespace\)::(fwd|bwd)_kernel", re.I)),
+    ("wkv", re.compile(r"wkv|rwkv|(?<!::)\(anonymous namespace\)::(fwd|bwd|span_scan|span_outer)_kernel", re.I)),
     ("matmul", re.compile(r"gemm|gemv|cutlass|cublas|nvjet|xmma|wgmma|splitk|sm\d+_xmma", re.I)),
     ("copy", re.compile(r"memcpy|memset", re.I)),
 )
