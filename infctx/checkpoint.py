@@ -13,12 +13,12 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from infctx.fileio import write_atomic
 from infctx.model import RWKV, ModelConfig, State
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -35,17 +35,7 @@ class CheckpointError(ValueError):
 
 def atomic_save(obj: object, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file in the target folder, then rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_pth(weights: Mapping[str, torch.Tensor] | torch.nn.Module, path: str | os.PathLike,

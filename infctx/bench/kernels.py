@@ -18,14 +18,14 @@ import datetime as dt
 import functools
 import json
 import math
-import os
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from infctx.fileio import write_text_atomic
 from infctx.ops._common import rel_rms
 
 SHAPES = ((1, 16384, 32), (4, 4096, 32), (8, 4096, 12), (16, 1024, 32))
@@ -267,12 +267,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m infctx.bench.kernels", description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", type=Path, default=BenchConfig.out_dir)
@@ -293,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
 
     def save(res: dict) -> None:
-        write_atomic(cfg.out_dir / "kernels.json", json.dumps(res, indent=1) + "\n")
-        write_atomic(cfg.out_dir / "kernels.md", markdown(res))
+        write_text_atomic(cfg.out_dir / "kernels.json", json.dumps(res, indent=1) + "\n")
+        write_text_atomic(cfg.out_dir / "kernels.md", markdown(res))
 
     res = run(cfg, save)
     save(res)

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from infctx.bptt import BPTTConfig, BPTTEngine
+from infctx.fileio import write_text_atomic
 from infctx.model import RWKV, ModelConfig
 
 GIB = 2**30
@@ -564,16 +565,10 @@ def plots(res: dict, out_dir: Path) -> list[Path]:
     return written
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save(res: dict, out_dir: Path, with_plots: bool = False) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "train.json", json.dumps(res, indent=1) + "\n")
-    write_atomic(out_dir / "train.md", markdown(res))
+    write_text_atomic(out_dir / "train.json", json.dumps(res, indent=1) + "\n")
+    write_text_atomic(out_dir / "train.md", markdown(res))
     if with_plots:
         try:
             plots(res, out_dir)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from infctx.fileio import write_atomic
 from infctx.model.config import ModelConfig
 
 _FORMAT = "infctx.State/1"
@@ -97,11 +97,8 @@ class State:
 
     def save(self, path: str | os.PathLike) -> None:
         """torch.save to a temporary name, then rename, so a crash never leaves half a file."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         payload = {"format": _FORMAT, **{k: v.detach().cpu() for k, v in zip(("att_shift", "wkv", "ffn_shift"), self.tensors())}}
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location="cpu") -> State:

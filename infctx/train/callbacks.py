@@ -14,6 +14,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
+from infctx.fileio import write_text_atomic
+
 CKPT_RE = re.compile(r"^step-(\d+)\.ckpt$")
 POINTER = "last"
 
@@ -29,15 +31,6 @@ def resolve_last(ckpt_dir: str | os.PathLike) -> Path | None:
         return None
     target = Path(ckpt_dir) / pointer.read_text().strip()
     return target if target.exists() else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _remove(path: Path) -> None:
@@ -82,7 +75,7 @@ class RollingCheckpoint(Callback):
         if trainer.is_global_zero:
             _remove(final)
             os.replace(tmp, final)
-            _write_atomic(directory / POINTER, final.name + "\n")
+            write_text_atomic(directory / POINTER, final.name + "\n")
             self._prune(directory)
         trainer.strategy.barrier("infctx_ckpt_done")
         self._last_saved_step = step
