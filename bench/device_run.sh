@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device command for the GPU checks: bash bench/device_run.sh [STAGE ...] [-- BENCH_TRAIN_ARGS ...]
-# Stages (run in the order given; default: all): kernels tests doctor bench-kernels train-check bench-train (ncu only when named)
+# Stages (run in the order given; default: all): kernels tests doctor bench-kernels train-check bench-train (ab-kernels,
+# ncu only when named)
 #   kernels       build every CUDA WKV extension in parallel processes (later stages hit ~/.cache/infctx/cuda)
 #   tests         python3 -m pytest -v -m gpu -rs ${PYTEST_ARGS:-tests/}   (the GPU suite; -v: a kill keeps results)
 #   doctor        infctx doctor (toolchain, kernel builds, tiny fwd+bwd against float64)
@@ -9,6 +10,10 @@
 #   train-check   recipes/rwkv7-0.1b-pretrain.yaml + recipes/rwkv7-0.1b-zero3-check.yaml (ZeRO-3, 1 GPU, 300 steps)
 #                 on a World-tokenized corpus of the machine's Python sources; summary, export to .pth, generate
 #   bench-train   python3 -m infctx.bench.train, 0.1B, 4k..1M, full+truncated, within BENCH_TRAIN_BUDGET_S (270)
+#   ab-kernels    this tree's kernels beside another tree's (AB_TREE, default .after/base: `git archive REF | tar -x -C
+#                 .after/base`, carried), one GPU, no fla: both built in parallel (AB_SPECS, default [(7, 64)]), then
+#                 `infctx.bench.kernels $AB_ARGS` (default --versions 7 --no-fla --reps 20) this / other / this, and
+#                 bench/results/ab/kernels-ab.md side by side (means, other / this)
 #   ncu           Nsight Compute counters (occupancy, stalls, shared-memory wavefronts) of one wkv7 forward and
 #                 backward launch per shape in NCU_SHAPES (B,T,H ...; default 16,1024,32 4,4096,32), sequential
 #                 kernels (span 0; NCU_FORWARD / NCU_BACKWARD=chunked: the chunked ones), kernels matching
@@ -88,6 +93,27 @@ for shape in sys.argv[1:]:
     print("ncu: ran", shape, flush=True)
 ' ${NCU_SHAPES:-16,1024,32 4,4096,32}
 }
+st_ab_kernels() {
+  local other=${AB_TREE:-.after/base} out=$PWD/bench/results/ab n=0 tree dir
+  [ -d "$other/infctx" ] || { echo "ab-kernels: no tree at $other (git archive REF | tar -x -C $other)"; return 2; }
+  other=$(cd "$other" && pwd)
+  local build="import os, sys
+from infctx.ops import cuda_build as cb
+done = cb.build_all(specs=${AB_SPECS:-[(7, 64)]}, cfg=cb.BuildConfig(verbose=False))
+for (v, n), err, s in done: print(os.getcwd(), 'wkv', v, 'N', n, err or 'built', round(s))
+sys.exit(any(err for _, err, _ in done))"
+  (cd "$other" && PYTHONPATH=$other:$PYTHONPATH tmo $PY -c "$build") &
+  tmo $PY -c "$build"; local rc=$?
+  wait $! || return; ((rc == 0)) || return $rc
+  eval "set -- ${AB_ARGS:---versions 7 --no-fla --reps 20}"
+  local runs=()
+  for tree in this other this; do
+    n=$((n + 1)); dir=$PWD; [ $tree = other ] && dir=$other
+    (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH tmo $PY -m infctx.bench.kernels "$@" --out-dir "$out/$n-$tree") || return
+    runs+=("$tree=$out/$n-$tree/kernels.json")
+  done
+  $PY -m infctx.bench.kernels --compare "${runs[@]}" --out-dir "$out"
+}
 st_bench_train() {
   local b=$((STAGE_T - 60)); ((b > ${BENCH_TRAIN_BUDGET_S:-270})) && b=${BENCH_TRAIN_BUDGET_S:-270}
   eval "set -- ${BENCH_TRAIN_ARGS:-}"
@@ -159,8 +185,8 @@ for stage in "${STAGES[@]}"; do
   case $stage in
     kernels) want=300 min=60 ;; tests) want=300 min=60 ;; doctor) want=120 min=20 ;;
     bench-kernels) want=420 min=60 ;; train-check) want=330 min=200 ;; bench-train) want=340 min=120 ;;
-    ncu) want=240 min=60 ;;
-    *) say "[$stage] unknown stage (kernels tests doctor bench-kernels train-check bench-train ncu)"; continue ;;
+    ncu) want=240 min=60 ;; ab-kernels) want=300 min=120 ;;
+    *) say "[$stage] unknown stage (kernels tests doctor bench-kernels train-check bench-train ab-kernels ncu)"; continue ;;
   esac
   v=${stage//-/_}_S; v=${v^^}; want=${!v:-$want}  # e.g. TESTS_S=120 caps the tests stage at 120 s
   left=$((T0 + BUDGET_S - $(date +%s) - 10)); STAGE_T=$((want < left ? want : left))

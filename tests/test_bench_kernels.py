@@ -1,6 +1,8 @@
 """bench-kernels row arithmetic on CPU (the timing itself needs a GPU): Mtok/s and the speedup over fla from
 hand-picked times, and rows written before fla has been timed."""
 
+import json
+
 import pytest
 
 from infctx.bench import kernels as bk
@@ -53,3 +55,44 @@ def test_run_saves_after_every_impl_and_fills_in_the_speedup(monkeypatch):
         (7, B, impl) for B in (1, 2) for impl in ("ours", "fla", "ours-seq")] + [
         (6, B, impl) for B in (1, 2) for impl in ("ours", "fla", "ours-seq")]
     assert res["y_agreement_vs_fla"] == {"wkv7": 0.0, "wkv6": 0.0}
+
+
+def _result(rows):
+    return dict(gpu="NVIDIA H200", date="2026-12-02T00:58", rows=rows)
+
+
+def _row(impl, B, fwd, total):
+    return dict(version=7, impl=impl, B=B, T=4096, H=32, N=64, ms_fwd=fwd, ms_fwd_bwd=total)
+
+
+def test_compare_puts_two_trees_side_by_side_with_means_and_ratio(tmp_path):
+    """this / other / this, as bench/device_run.sh ab-kernels times them: per row every run's times, each label's
+    mean and other / this, by hand: this (5.0 + 5.2) / 2 = 5.1, other 5.61, 5.61 / 5.1 = 1.1."""
+    this1 = _result([_row("ours", 4, 1.0, 5.0), _row("ours-seq", 4, 1.1, 6.0)])
+    other = _result([_row("ours", 4, 1.2, 5.61), dict(version=7, impl="ours-seq", B=4, T=4096, H=32, N=64,
+                                                       error="out of memory")])
+    this2 = _result([_row("ours", 4, 1.0, 5.2), _row("ours-seq", 4, 1.1, 6.0)])
+    paths = []
+    for name, res in (("1", this1), ("2", other), ("3", this2)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(res))
+    out = tmp_path / "ab"
+    assert bk.main(["--compare", f"this={paths[0]}", f"other={paths[1]}", f"this={paths[2]}",
+                    "--out-dir", str(out)]) == 0
+    table = (out / "kernels-ab.md").read_text()
+    assert "| wkv7 | ours | 4 | 4096 | 32 | 1.000 / 5.000 | 1.200 / 5.610 | 1.000 / 5.200 | 5.100 | 5.610 | 1.100 |" \
+        in table
+    # a row that failed in one run: a dash there, the mean of what was timed, NaN where a label has nothing
+    assert "| wkv7 | ours-seq | 4 | 4096 | 32 | 1.100 / 6.000 | — | 1.100 / 6.000 | 6.000 | nan | nan |" in table
+
+
+def test_compare_refuses_anything_but_two_labels_and_unreadable_files(tmp_path, capsys):
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps(_result([_row("ours", 4, 1.0, 5.0)])))
+    assert bk.main(["--compare", f"a={path}", f"b={path}", f"c={path}", "--out-dir", str(tmp_path)]) == 2
+    assert "exactly two labels" in capsys.readouterr().out
+    assert bk.main(["--compare", f"a={tmp_path / 'missing.json'}", f"b={path}", "--out-dir", str(tmp_path)]) == 2
+    assert "missing.json: cannot read a kernels.json" in capsys.readouterr().out
+    assert bk.main(["--compare", str(path), "--out-dir", str(tmp_path)]) == 2
+    assert "is not LABEL=PATH" in capsys.readouterr().out
+    assert not (tmp_path / "kernels-ab.md").exists()

@@ -267,6 +267,35 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_markdown(runs: list[tuple[str, dict]]) -> str:
+    """Side by side, the fwd+bwd times of several kernel-benchmark results (kernels.json) of two trees, e.g. "this",
+    "other", "this" timed in turn on one GPU (bench/device_run.sh ab-kernels); per row the mean of each label and
+    the second label's time over the first's (> 1: the first label's kernels are faster)."""
+    labels = list(dict.fromkeys(label for label, _ in runs))
+    if len(labels) != 2:
+        raise ValueError(f"bench-kernels --compare: give results of exactly two labels (got {labels or 'none'})")
+    key = lambda r: (r["version"], r["impl"], r["B"], r["T"], r["H"])  # noqa: E731
+    rows = list(dict.fromkeys(key(r) for _, res in runs for r in res["rows"] if "error" not in r))
+    times = [{key(r): r for r in res["rows"] if "error" not in r} for _, res in runs]
+    first = runs[0][1]
+    lines = [f"# WKV kernels side by side ({first['gpu']}, {first['date']})", "",
+             f"fwd / fwd+bwd ms per run, in the order timed; means and `{labels[1]} / {labels[0]}` of fwd+bwd.", "",
+             "| op | impl | B | T | H | " + " | ".join(label for label, _ in runs)
+             + f" | {labels[0]} mean | {labels[1]} mean | {labels[1]} / {labels[0]} |",
+             "|---|---|---|---|---|" + "---|" * (len(runs) + 3)]
+    for k in rows:
+        cells, means = [], {label: [] for label in labels}
+        for (label, _), t in zip(runs, times):
+            r = t.get(k)
+            cells.append(f"{r['ms_fwd']:.3f} / {r['ms_fwd_bwd']:.3f}" if r else "—")
+            if r:
+                means[label].append(r["ms_fwd_bwd"])
+        m = [statistics.fmean(means[label]) if means[label] else math.nan for label in labels]
+        lines.append(f"| wkv{k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | " + " | ".join(cells)
+                     + f" | {m[0]:.3f} | {m[1]:.3f} | {m[1] / m[0]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m infctx.bench.kernels", description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", type=Path, default=BenchConfig.out_dir)
@@ -277,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time every tiling of our kernels and wkv7's chunked forward and backward")
     p.add_argument("--profile", action="store_true", help="also record the GPU time per kernel of our variants")
     p.add_argument("--shapes", nargs="+", default=None, metavar="B,T,H", help="shapes to time (default: issue 3's)")
+    p.add_argument("--compare", nargs="+", metavar="LABEL=KERNELS_JSON",
+                   help="no timing: write OUT_DIR/kernels-ab.md, these results side by side (two labels)")
     args = p.parse_args(argv)
+    if args.compare:
+        return compare(args.compare, args.out_dir)
     if not torch.cuda.is_available():
         print("bench-kernels: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU machine")
         return 1
@@ -293,6 +326,28 @@ def main(argv: list[str] | None = None) -> int:
     res = run(cfg, save)
     save(res)
     print(markdown(res))
+    return 0
+
+
+def compare(specs: list[str], out_dir: Path) -> int:
+    runs = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label:
+            print(f"bench-kernels --compare: '{spec}' is not LABEL=PATH (e.g. this=bench/results/ab/1-this/kernels.json)")
+            return 2
+        try:
+            runs.append((label, json.loads(Path(path).read_text())))
+        except (OSError, ValueError) as err:
+            print(f"bench-kernels --compare: {path}: cannot read a kernels.json ({err}); run bench-kernels there first")
+            return 2
+    try:
+        text = compare_markdown(runs)
+    except ValueError as err:
+        print(err)
+        return 2
+    write_text_atomic(out_dir / "kernels-ab.md", text)
+    print(text)
     return 0
 
 
