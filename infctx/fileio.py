@@ -4,7 +4,7 @@ a crash or a failing serializer never leaves a half-written file under the real 
 from __future__ import annotations
 
 import os
-import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,8 +14,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     temporary file is removed and the error re-raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # named per process and thread rather than made by mkstemp, whose 0600 mode the renamed file would keep
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"))
     try:
         write(tmp)
         os.replace(tmp, path)

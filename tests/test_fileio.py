@@ -26,3 +26,10 @@ def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
         write_atomic(path, half_then_fail)
     assert path.read_text() == '{"ok": 1}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["train.json"]
+
+
+def test_files_get_the_mode_a_plain_write_gives(tmp_path):
+    """Not a temporary file's private 0600: results and checkpoints stay readable as the umask allows."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert write_text_atomic(tmp_path / "atomic.txt", "x").stat().st_mode == plain.stat().st_mode
