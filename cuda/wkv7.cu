@@ -243,7 +243,7 @@ __device__ __forceinline__ int ckpt_at(int row, int col) {
   return row * N + (col ^ (row / (N / P) * (32 / P)));
 }
 
-template <typename F, int N, int P>
+template <typename F, int N, int P, bool kScaled>
 __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __restrict__ r, const F* __restrict__ w,
     const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ a, const F* __restrict__ b,
     const F* __restrict__ dy, const float* __restrict__ dsT, const float* __restrict__ ckpt,
@@ -309,10 +309,17 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
       prefetch(t0 - CK);
       fetch_ckpt(c - 1);
     }
+    // kScaled: Sc and dC are both column i, decayed by d_i alone, so within the chunk they can be kept scaled by the
+    // scalar e_t = d_i over the chunk's tokens after t: Sc = e_t * S_t[:, i], dC = dS_t[:, i] / e_t. Their updates
+    // then need no per-entry decay multiply (Sc_{t-1} = Sc_t - e_t (v_t k_ti + sa_t b_ti), dC_{t-1} = dC_t +
+    // dsa_t a_ti / e_{t-1}), and the sums over them take the scale as one scalar factor. That wins where several
+    // blocks share an SM; with one block per SM the extra scalars lengthen the single warp's chain (bwd_typed).
+    float e = 1.f;
     for (int l = L - 1; l >= 0; --l) {
       const int t = l * VS;
       const float dyi = sdy[t + ii], ri = sr[t + ii], ki = sk[t + ii], bi = sb[t + ii], di = sd[t + ii];
-      const float ai = sa[t + ii], inv_d = 1.f / di;
+      const float ai = sa[t + ii], inv_d = 1.f / di, inv_e = kScaled ? 1.f / e : 1.f;
+      const float ri_e = ri * inv_e, ki_e = ki * e, bi_e = bi * e;
       float pr = 0.f, pv = 0.f, pk = 0.f, psa = 0.f, pb = 0.f, pw = 0.f;
 #pragma unroll
       for (int q = 0; q < M; q += 4) {
@@ -322,13 +329,16 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
         for (int u = 0; u < 4; ++u) {
           const int j = q + u;
           dR[j] += dyi * at4(r4, u);  // dS_t += dy_t r_t^T
-          dC[j] += at4(y4, u) * ri;
+          dC[j] += at4(y4, u) * ri_e;
           pr += Sc[j] * at4(y4, u);
           pv += dR[j] * at4(k4, u);
           pk += dC[j] * at4(v4, u);
           psa += dR[j] * at4(b4, u);
           pb += dC[j] * at4(s4, u);
-          Sc[j] = (Sc[j] - at4(v4, u) * ki - at4(s4, u) * bi) * inv_d;  // S_{t-1}, column i
+          if constexpr (kScaled)
+            Sc[j] = Sc[j] - at4(v4, u) * ki_e - at4(s4, u) * bi_e;  // S_{t-1}, column i (scaled by e_{t-1})
+          else
+            Sc[j] = (Sc[j] - at4(v4, u) * ki - at4(s4, u) * bi) * inv_d;  // S_{t-1}, column i
           pw += dC[j] * Sc[j];
         }
       }
@@ -340,12 +350,14 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
       pw = group_sum<P>(pw);
       if (p == 0) {
         sdsa[t + ii] = dsai;
-        gr[l][i] = pr;
+        gr[l][i] = pr * inv_e;
         gv[l][i] = pv;
-        gk[l][i] = pk;
-        gb[l][i] = pb;
-        gw[l][i] = pw;
+        gk[l][i] = pk * e;
+        gb[l][i] = pb * e;
+        gw[l][i] = kScaled ? pw * inv_d : pw;  // e_t / e_{t-1}
       }
+      if constexpr (kScaled) e *= di;  // e_{t-1}
+      const float inv_e1 = inv_e * inv_d, ai_e = ai * inv_e1;
       __syncthreads();  // dsa of every row is in shared memory
       float pa = 0.f;
 #pragma unroll
@@ -356,11 +368,18 @@ __global__ void __launch_bounds__(N * P) bwd_kernel(int T, int H, const F* __res
           const int j = q + u;
           pa += Sc[j] * at4(g4, u);
           dR[j] = dR[j] * at4(d4, u) + dsai * at4(a4, u);  // dS_{t-1} = dS_t diag(d) + dsa a^T
-          dC[j] = dC[j] * di + at4(g4, u) * ai;
+          if constexpr (kScaled)
+            dC[j] += at4(g4, u) * ai_e;
+          else
+            dC[j] = dC[j] * di + at4(g4, u) * ai;
         }
       }
       pa = group_sum<P>(pa);
-      if (p == 0) ga[l][i] = pa;
+      if (p == 0) ga[l][i] = kScaled ? pa * inv_e1 : pa;
+    }
+    if constexpr (kScaled) {
+#pragma unroll
+      for (int q = 0; q < M; ++q) dC[q] *= e;  // unscaled for the chunk before
     }
     __syncthreads();
     const auto write = [&](F* dst, float (*src)[N]) {
@@ -567,10 +586,15 @@ void bwd_typed(torch::Tensor r, torch::Tensor w, torch::Tensor k, torch::Tensor 
                torch::Tensor dw, torch::Tensor dk, torch::Tensor dv, torch::Tensor da, torch::Tensor db,
                torch::Tensor ds0, int split) {
   const int B = r.size(0), T = r.size(1), H = r.size(2);
+  // More blocks than SMs: some SMs run several, where the scaled form is faster (H200, 2026-12-02: 2.66 -> 2.57 ms at
+  // (16,1024,32)); at <= one block per SM it is slower (3.28 -> 3.41 ms at (4,4096,32); kernels-scaled-loops/).
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device());
+  const bool scaled = B * H > sms;
   with_split(split, [&](auto pc) {
     constexpr int N = WKV_N, P = decltype(pc)::value;
     const size_t smem = BwdSmem<N, P>::kBytes;
-    auto kern = bwd_kernel<F, N, P>;
+    auto kern = scaled ? bwd_kernel<F, N, P, true> : bwd_kernel<F, N, P, false>;
     wkv::allow_smem(kern, smem);
     kern<<<B * H, N * P, smem, c10::cuda::getCurrentCUDAStream()>>>(T, H, cptr<F>(r), cptr<F>(w), cptr<F>(k),
         cptr<F>(v), cptr<F>(a), cptr<F>(b), cptr<F>(dy), dsT.data_ptr<float>(), ckpt.data_ptr<float>(),
