@@ -12,8 +12,9 @@
 #   bench-train   python3 -m infctx.bench.train, 0.1B, 4k..1M, full+truncated, within BENCH_TRAIN_BUDGET_S (270)
 #   ab-kernels    this tree's kernels beside another tree's (AB_TREE, default .after/base: `git archive REF | tar -x -C
 #                 .after/base`, carried), one GPU, no fla: both built in parallel (AB_SPECS, default [(7, 64)]), then
-#                 `infctx.bench.kernels $AB_ARGS` (default --versions 7 --no-fla --reps 20) this / other / this, and
-#                 bench/results/ab/kernels-ab.md side by side (means, other / this)
+#                 `infctx.bench.kernels $AB_ARGS` (default --versions 7 --no-fla --reps 20) this / other / this
+#                 (AB_ROUNDS=2: this / other / this / other / this), and bench/results/ab/kernels-ab.md side by side
+#                 (means, other / this, the spread between runs of one tree, and a verdict only outside that spread)
 #   ncu           Nsight Compute counters (occupancy, stalls, shared-memory wavefronts) of one wkv7 forward and
 #                 backward launch per shape in NCU_SHAPES (B,T,H ...; default 16,1024,32 4,4096,32), sequential
 #                 kernels (span 0; NCU_FORWARD / NCU_BACKWARD=chunked: the chunked ones), kernels matching
@@ -106,8 +107,9 @@ sys.exit(any(err for _, err, _ in done))"
   tmo $PY -c "$build"; local rc=$?
   wait $! || return; ((rc == 0)) || return $rc
   eval "set -- ${AB_ARGS:---versions 7 --no-fla --reps 20}"
-  local runs=()
-  for tree in this other this; do
+  local runs=() order=(this) r
+  for ((r = 0; r < ${AB_ROUNDS:-1}; r++)); do order+=(other this); done
+  for tree in "${order[@]}"; do
     n=$((n + 1)); dir=$PWD; [ $tree = other ] && dir=$other
     (cd "$dir" && PYTHONPATH=$dir:$PYTHONPATH tmo $PY -m infctx.bench.kernels "$@" --out-dir "$out/$n-$tree") || return
     runs+=("$tree=$out/$n-$tree/kernels.json")

@@ -67,7 +67,8 @@ def _row(impl, B, fwd, total):
 
 def test_compare_puts_two_trees_side_by_side_with_means_and_ratio(tmp_path):
     """this / other / this, as bench/device_run.sh ab-kernels times them: per row every run's times, each label's
-    mean and other / this, by hand: this (5.0 + 5.2) / 2 = 5.1, other 5.61, 5.61 / 5.1 = 1.1."""
+    mean, other / this and the spread of this's runs, by hand: this (5.0 + 5.2) / 2 = 5.1, other 5.61, 5.61 / 5.1 =
+    1.1, spread 0.2 / 5.1 = 3.9% (so 1.1 is outside it); ours-seq: 6.0 twice, spread 0, but no other mean."""
     this1 = _result([_row("ours", 4, 1.0, 5.0), _row("ours-seq", 4, 1.1, 6.0)])
     other = _result([_row("ours", 4, 1.2, 5.61), dict(version=7, impl="ours-seq", B=4, T=4096, H=32, N=64,
                                                        error="out of memory")])
@@ -80,10 +81,26 @@ def test_compare_puts_two_trees_side_by_side_with_means_and_ratio(tmp_path):
     assert bk.main(["--compare", f"this={paths[0]}", f"other={paths[1]}", f"this={paths[2]}",
                     "--out-dir", str(out)]) == 0
     table = (out / "kernels-ab.md").read_text()
-    assert "| wkv7 | ours | 4 | 4096 | 32 | 1.000 / 5.000 | 1.200 / 5.610 | 1.000 / 5.200 | 5.100 | 5.610 | 1.100 |" \
-        in table
+    assert ("| wkv7 | ours | 4 | 4096 | 32 | 1.000 / 5.000 | 1.200 / 5.610 | 1.000 / 5.200 | 5.100 | 5.610 | 1.100 "
+            "| 3.9% | this faster |") in table
     # a row that failed in one run: a dash there, the mean of what was timed, NaN where a label has nothing
-    assert "| wkv7 | ours-seq | 4 | 4096 | 32 | 1.100 / 6.000 | — | 1.100 / 6.000 | 6.000 | nan | nan |" in table
+    assert "| wkv7 | ours-seq | 4 | 4096 | 32 | 1.100 / 6.000 | — | 1.100 / 6.000 | 6.000 | nan | nan | 0.0% | — |" \
+        in table
+
+
+def test_compare_calls_a_ratio_inside_the_runs_spread_noise(tmp_path):
+    """The skewed-backward A/B of 2026-12-02 at (16,1024,32): this 3.692 and 3.776 (mean 3.734, spread 0.084 / 3.734
+    = 2.2%), other 3.831: 3.831 / 3.734 = 1.026, outside 2.2%, so "this faster"; with this 3.60 and 3.87 (spread
+    7.2%) the same other time is within spread, and one run per label gives no verdict."""
+    def table(this_a, this_b, other):
+        runs = [("this", _result([_row("ours", 16, 1.2, this_a)])), ("other", _result([_row("ours", 16, 1.2, other)]))]
+        if this_b is not None:
+            runs.append(("this", _result([_row("ours", 16, 1.2, this_b)])))
+        return bk.compare_markdown(runs)
+    assert "| 3.734 | 3.831 | 1.026 | 2.2% | this faster |" in table(3.692, 3.776, 3.831)
+    assert "| 3.735 | 3.831 | 1.026 | 7.2% | within spread |" in table(3.60, 3.87, 3.831)
+    assert "| 3.692 | 3.600 | 0.975 | — | — |" in table(3.692, None, 3.600)
+    assert "| 3.734 | 3.600 | 0.964 | 2.2% | this slower |" in table(3.692, 3.776, 3.600)
 
 
 def test_compare_refuses_anything_but_two_labels_and_unreadable_files(tmp_path, capsys):

@@ -269,8 +269,9 @@ def markdown(res: dict) -> str:
 
 def compare_markdown(runs: list[tuple[str, dict]]) -> str:
     """Side by side, the fwd+bwd times of several kernel-benchmark results (kernels.json) of two trees, e.g. "this",
-    "other", "this" timed in turn on one GPU (bench/device_run.sh ab-kernels); per row the mean of each label and
-    the second label's time over the first's (> 1: the first label's kernels are faster)."""
+    "other", "this" timed in turn on one GPU (bench/device_run.sh ab-kernels); per row the mean of each label, the
+    second label's time over the first's (> 1: the first label's kernels are faster), the spread between runs of one
+    label (range over mean: the noise between identical builds) and whether the ratio is outside that spread."""
     labels = list(dict.fromkeys(label for label, _ in runs))
     if len(labels) != 2:
         raise ValueError(f"bench-kernels --compare: give results of exactly two labels (got {labels or 'none'})")
@@ -279,20 +280,32 @@ def compare_markdown(runs: list[tuple[str, dict]]) -> str:
     times = [{key(r): r for r in res["rows"] if "error" not in r} for _, res in runs]
     first = runs[0][1]
     lines = [f"# WKV kernels side by side ({first['gpu']}, {first['date']})", "",
-             f"fwd / fwd+bwd ms per run, in the order timed; means and `{labels[1]} / {labels[0]}` of fwd+bwd.", "",
-             "| op | impl | B | T | H | " + " | ".join(label for label, _ in runs)
-             + f" | {labels[0]} mean | {labels[1]} mean | {labels[1]} / {labels[0]} |",
-             "|---|---|---|---|---|" + "---|" * (len(runs) + 3)]
+             f"fwd / fwd+bwd ms per run, in the order timed; means and `{labels[1]} / {labels[0]}` of fwd+bwd; spread ="
+             " the largest (max - min) / mean of fwd+bwd over one label's runs (needs two runs of a label); the verdict"
+             f" is `{labels[0]} faster` or `{labels[0]} slower` only where the ratio is further from 1 than the spread.",
+             "", "| op | impl | B | T | H | " + " | ".join(label for label, _ in runs)
+             + f" | {labels[0]} mean | {labels[1]} mean | {labels[1]} / {labels[0]} | spread | verdict |",
+             "|---|---|---|---|---|" + "---|" * (len(runs) + 5)]
     for k in rows:
-        cells, means = [], {label: [] for label in labels}
+        cells, timed = [], {label: [] for label in labels}
         for (label, _), t in zip(runs, times):
             r = t.get(k)
             cells.append(f"{r['ms_fwd']:.3f} / {r['ms_fwd_bwd']:.3f}" if r else "—")
             if r:
-                means[label].append(r["ms_fwd_bwd"])
-        m = [statistics.fmean(means[label]) if means[label] else math.nan for label in labels]
+                timed[label].append(r["ms_fwd_bwd"])
+        m = [statistics.fmean(timed[label]) if timed[label] else math.nan for label in labels]
+        ratio = m[1] / m[0]
+        spreads = [(max(ts) - min(ts)) / statistics.fmean(ts) for ts in timed.values() if len(ts) >= 2]
+        spread = max(spreads) if spreads else math.nan
+        if math.isnan(ratio) or math.isnan(spread):
+            verdict = "—"
+        elif abs(ratio - 1) <= spread:
+            verdict = "within spread"
+        else:
+            verdict = f"{labels[0]} faster" if ratio > 1 else f"{labels[0]} slower"
         lines.append(f"| wkv{k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | " + " | ".join(cells)
-                     + f" | {m[0]:.3f} | {m[1]:.3f} | {m[1] / m[0]:.3f} |")
+                     + f" | {m[0]:.3f} | {m[1]:.3f} | {ratio:.3f} | "
+                     + ("—" if math.isnan(spread) else f"{spread:.1%}") + f" | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
