@@ -82,9 +82,9 @@ def test_compare_puts_two_trees_side_by_side_with_means_and_ratio(tmp_path):
                     "--out-dir", str(out)]) == 0
     table = (out / "kernels-ab.md").read_text()
     assert ("| wkv7 | ours | 4 | 4096 | 32 | 1.000 / 5.000 | 1.200 / 5.610 | 1.000 / 5.200 | 5.100 | 5.610 | 1.100 "
-            "| 3.9% | this faster |") in table
+            "| 3.9% | this faster | 1.200 |") in table
     # a row that failed in one run: a dash there, the mean of what was timed, NaN where a label has nothing
-    assert "| wkv7 | ours-seq | 4 | 4096 | 32 | 1.100 / 6.000 | — | 1.100 / 6.000 | 6.000 | nan | nan | 0.0% | — |" \
+    assert "| wkv7 | ours-seq | 4 | 4096 | 32 | 1.100 / 6.000 | — | 1.100 / 6.000 | 6.000 | nan | nan | 0.0% | — | nan |" \
         in table
 
 
@@ -97,10 +97,10 @@ def test_compare_calls_a_ratio_inside_the_runs_spread_noise(tmp_path):
         if this_b is not None:
             runs.append(("this", _result([_row("ours", 16, 1.2, this_b)])))
         return bk.compare_markdown(runs)
-    assert "| 3.734 | 3.831 | 1.026 | 2.2% | this faster |" in table(3.692, 3.776, 3.831)
-    assert "| 3.735 | 3.831 | 1.026 | 7.2% | within spread |" in table(3.60, 3.87, 3.831)
-    assert "| 3.692 | 3.600 | 0.975 | — | — |" in table(3.692, None, 3.600)
-    assert "| 3.734 | 3.600 | 0.964 | 2.2% | this slower |" in table(3.692, 3.776, 3.600)
+    assert "| 3.734 | 3.831 | 1.026 | 2.2% | this faster | 1.000 |" in table(3.692, 3.776, 3.831)
+    assert "| 3.735 | 3.831 | 1.026 | 7.2% | within spread | 1.000 |" in table(3.60, 3.87, 3.831)
+    assert "| 3.692 | 3.600 | 0.975 | — | — | 1.000 |" in table(3.692, None, 3.600)
+    assert "| 3.734 | 3.600 | 0.964 | 2.2% | this slower | 1.000 |" in table(3.692, 3.776, 3.600)
 
 
 def test_compare_refuses_anything_but_two_labels_and_unreadable_files(tmp_path, capsys):

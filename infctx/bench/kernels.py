@@ -282,18 +282,23 @@ def compare_markdown(runs: list[tuple[str, dict]]) -> str:
     lines = [f"# WKV kernels side by side ({first['gpu']}, {first['date']})", "",
              f"fwd / fwd+bwd ms per run, in the order timed; means and `{labels[1]} / {labels[0]}` of fwd+bwd; spread ="
              " the largest (max - min) / mean of fwd+bwd over one label's runs (needs two runs of a label); the verdict"
-             f" is `{labels[0]} faster` or `{labels[0]} slower` only where the ratio is further from 1 than the spread.",
+             f" is `{labels[0]} faster` or `{labels[0]} slower` only where the ratio is further from 1 than the spread;"
+             f" fwd {labels[1]} / {labels[0]}: the same ratio of the forward alone (where both trees share the forward,"
+             " any distance from 1 there is the run order's bias, not the kernels).",
              "", "| op | impl | B | T | H | " + " | ".join(label for label, _ in runs)
-             + f" | {labels[0]} mean | {labels[1]} mean | {labels[1]} / {labels[0]} | spread | verdict |",
-             "|---|---|---|---|---|" + "---|" * (len(runs) + 5)]
+             + f" | {labels[0]} mean | {labels[1]} mean | {labels[1]} / {labels[0]} | spread | verdict"
+             + f" | fwd {labels[1]} / {labels[0]} |",
+             "|---|---|---|---|---|" + "---|" * (len(runs) + 6)]
     for k in rows:
-        cells, timed = [], {label: [] for label in labels}
+        cells, timed, fwd = [], {label: [] for label in labels}, {label: [] for label in labels}
         for (label, _), t in zip(runs, times):
             r = t.get(k)
             cells.append(f"{r['ms_fwd']:.3f} / {r['ms_fwd_bwd']:.3f}" if r else "—")
             if r:
                 timed[label].append(r["ms_fwd_bwd"])
+                fwd[label].append(r["ms_fwd"])
         m = [statistics.fmean(timed[label]) if timed[label] else math.nan for label in labels]
+        f = [statistics.fmean(fwd[label]) if fwd[label] else math.nan for label in labels]
         ratio = m[1] / m[0]
         spreads = [(max(ts) - min(ts)) / statistics.fmean(ts) for ts in timed.values() if len(ts) >= 2]
         spread = max(spreads) if spreads else math.nan
@@ -305,7 +310,7 @@ def compare_markdown(runs: list[tuple[str, dict]]) -> str:
             verdict = f"{labels[0]} faster" if ratio > 1 else f"{labels[0]} slower"
         lines.append(f"| wkv{k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | " + " | ".join(cells)
                      + f" | {m[0]:.3f} | {m[1]:.3f} | {ratio:.3f} | "
-                     + ("—" if math.isnan(spread) else f"{spread:.1%}") + f" | {verdict} |")
+                     + ("—" if math.isnan(spread) else f"{spread:.1%}") + f" | {verdict} | {f[1] / f[0]:.3f} |")
     return "\n".join(lines) + "\n"
 
 
